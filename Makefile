@@ -1,0 +1,31 @@
+# One entry point for people and CI. `make test` is the command the README and .ci/run both use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test replay bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check dtsync tests benchmarks
+	$(BIN)/pytest -q
+
+# The main job for now: replay a generated sample trace (a real network and two twins, one drifting).
+replay: $(STAMP)
+	$(BIN)/dtsync sample --out samples
+	$(BIN)/dtsync replay --real samples/real.jsonl --twin faithful=samples/faithful.jsonl \
+		--twin drifting=samples/drifting.jsonl --config config.yaml --timeline samples/timeline.jsonl
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) samples .pytest_cache

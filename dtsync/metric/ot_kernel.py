@@ -1,0 +1,409 @@
+"""Compiled kernels for the DT-BSM fixed point: small transport problems and the linear evaluation step.
+
+One sweep of the metric solves |S| * |S'| * |A| transport problems between next-state distributions with
+supports of a few states each. A general LP solver called from Python costs tens of microseconds per problem;
+here each problem is solved by the transportation simplex (MODI method) in compiled code, and its optimal basis
+(a spanning tree of k + k' - 1 cells) is *kept* between sweeps. When d moves a little, the old basis is almost
+always still optimal, so most problems cost one pass: potentials along the tree, then a reduced-cost check.
+
+A basis is stored as int32 codes, one per cell, in leaf-peeling order: code = ((i * STRIDE + j) << 1) | row_is_leaf.
+That order gives the flows (from the marginals) and the potentials (from the costs) in one linear pass each.
+Unused slots hold -1; a basis that does not fit the current problem (supports changed, flows went negative after
+the window moved) is rebuilt by the minimum-cost greedy rule, which is close to optimal to begin with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+STRIDE = 4096  # support positions are < STRIDE; codes stay within int32
+_FLOW_EPS = 1e-12  # a flow above -this is feasible (round-off of probabilities that sum to 1)
+_BLAND_AFTER = 50  # pivots with Dantzig's rule before switching to Bland's rule (anti-cycling)
+_MAX_PIVOTS = 10_000
+
+
+@njit(cache=True)
+def _peel(cells, n, k, kk, out_codes, deg, used) -> bool:
+    """Order basis cells `cells[:n]` (i * STRIDE + j) by leaf peeling into `out_codes`; False if not a spanning tree."""
+    for v in range(k + kk):
+        deg[v] = 0
+    for e in range(n):
+        c = cells[e]
+        i = c // STRIDE
+        j = c % STRIDE
+        if c < 0 or i >= k or j >= kk:
+            return False
+        deg[i] += 1
+        deg[k + j] += 1
+        used[e] = False
+    for v in range(k + kk):
+        if deg[v] == 0:
+            return False
+    for pos in range(n):
+        found = False
+        for e in range(n):
+            if used[e]:
+                continue
+            c = cells[e]
+            i = c // STRIDE
+            j = c % STRIDE
+            if deg[i] == 1:
+                out_codes[pos] = (c << 1) | 1
+            elif deg[k + j] == 1:
+                out_codes[pos] = c << 1
+            else:
+                continue
+            used[e] = True
+            deg[i] -= 1
+            deg[k + j] -= 1
+            found = True
+            break
+        if not found:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _flows(codes, n, p, q, rs, rd, flow) -> bool:
+    """Flows of a tree basis from the marginals; False if any is negative (basis not primal feasible)."""
+    k = p.shape[0]
+    kk = q.shape[0]
+    for i in range(k):
+        rs[i] = p[i]
+    for j in range(kk):
+        rd[j] = q[j]
+    ok = True
+    for pos in range(n):
+        code = codes[pos]
+        c = code >> 1
+        i = c // STRIDE
+        j = c % STRIDE
+        f = rs[i] if (code & 1) else rd[j]
+        if f < -_FLOW_EPS:
+            ok = False
+        flow[pos] = f
+        rs[i] -= f
+        rd[j] -= f
+    return ok
+
+
+@njit(cache=True)
+def _potentials(codes, n, C, kk, u, v) -> None:
+    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order."""
+    last = codes[n - 1] >> 1
+    i = last // STRIDE
+    j = last % STRIDE
+    v[j] = 0.0
+    u[i] = C[i * kk + j]
+    for pos in range(n - 2, -1, -1):
+        code = codes[pos]
+        c = code >> 1
+        i = c // STRIDE
+        j = c % STRIDE
+        if code & 1:
+            u[i] = C[i * kk + j] - v[j]
+        else:
+            v[j] = C[i * kk + j] - u[i]
+
+
+@njit(cache=True)
+def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
+    """Minimum-cost greedy starting basis: exactly k + kk - 1 cells forming a spanning tree."""
+    order = np.argsort(C[: k * kk])
+    for i in range(k):
+        rs[i] = p[i]
+        row_on[i] = True
+    for j in range(kk):
+        rd[j] = q[j]
+        col_on[j] = True
+    rows_left = k
+    cols_left = kk
+    n = 0
+    for t in range(k * kk):
+        cell = order[t]
+        i = cell // kk
+        j = cell % kk
+        if not (row_on[i] and col_on[j]):
+            continue
+        f = min(rs[i], rd[j])
+        rs[i] -= f
+        rd[j] -= f
+        cells[n] = i * STRIDE + j
+        n += 1
+        if rows_left == 1 and cols_left == 1:
+            break
+        # Cross out exactly one line per allocation (the last pair closes both) so the cells form a tree.
+        if (rs[i] <= rd[j] and rows_left > 1) or cols_left == 1:
+            row_on[i] = False
+            rows_left -= 1
+        else:
+            col_on[j] = False
+            cols_left -= 1
+
+
+@njit(cache=True)
+def _tree_path(codes, n, k, start, goal, parent_edge, parent_node, stack) -> None:
+    """Parent pointers of the basis tree rooted at node `start` (rows 0..k-1, columns k..)."""
+    total = parent_edge.shape[0]
+    for v in range(total):
+        parent_edge[v] = -2
+    parent_edge[start] = -1
+    top = 0
+    stack[top] = start
+    top += 1
+    while top > 0:
+        top -= 1
+        node = stack[top]
+        if node == goal:
+            return
+        for e in range(n):
+            c = codes[e] >> 1
+            i = c // STRIDE
+            j = k + c % STRIDE
+            if i == node:
+                other = j
+            elif j == node:
+                other = i
+            else:
+                continue
+            if parent_edge[other] != -2:
+                continue
+            parent_edge[other] = e
+            parent_node[other] = node
+            stack[top] = other
+            top += 1
+
+
+@njit(cache=True)
+def solve_transport(k, kk, p, q, C, codes, w):
+    """W1 = min_pi <pi, C> for marginals p (k), q (kk), costs C (row-major k x kk), warm-started from `codes`.
+
+    Returns (value, pivots, status): status 0 optimal, 1 pivot limit hit (value is a feasible upper bound).
+    `codes` (length >= k + kk - 1) is updated in place to the optimal basis.
+    """
+    n = k + kk - 1
+    cells, tmp, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack = w
+    cmax = 0.0
+    for t in range(k * kk):
+        if C[t] > cmax:
+            cmax = C[t]
+    eps = 1e-12 * max(1.0, cmax)
+
+    valid = codes[0] >= 0 and (codes.shape[0] == n or codes[n] < 0)
+    if valid:
+        for pos in range(n):
+            code = codes[pos]
+            c = code >> 1
+            if code < 0 or c // STRIDE >= k or c % STRIDE >= kk:
+                valid = False
+                break
+    if valid:
+        valid = _flows(codes, n, p, q, rs, rd, flow)
+    if not valid:
+        _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on)
+        _peel(cells, n, k, kk, codes, deg, used)
+        _flows(codes, n, p, q, rs, rd, flow)
+        for pos in range(n, codes.shape[0]):
+            codes[pos] = -1
+
+    pivots = 0
+    status = 0
+    while True:
+        _potentials(codes, n, C, kk, u, v)
+        # Entering cell: most negative reduced cost (Dantzig), or the first negative one (Bland) once long.
+        best = -eps
+        ie = -1
+        je = -1
+        bland = pivots >= _BLAND_AFTER
+        for i in range(k):
+            ui = u[i]
+            for j in range(kk):
+                r = C[i * kk + j] - ui - v[j]
+                if r < best:
+                    best = r
+                    ie = i
+                    je = j
+                    if bland:
+                        break
+            if bland and ie >= 0:
+                break
+        if ie < 0:
+            break
+        if pivots >= _MAX_PIVOTS:
+            status = 1
+            break
+        pivots += 1
+        # Cycle: entering cell + tree path from column je back to row ie, signs alternating (- first).
+        _tree_path(codes, n, k, ie, k + je, pe, pn, stack)
+        theta = np.inf
+        leave = -1
+        leave_cell = 0
+        node = k + je
+        sign_minus = True
+        while node != ie:
+            e = pe[node]
+            if sign_minus:
+                cell = codes[e] >> 1
+                f = flow[e]
+                if f < theta - 1e-15 or (f <= theta + 1e-15 and cell < leave_cell):
+                    theta = f
+                    leave = e
+                    leave_cell = cell
+            sign_minus = not sign_minus
+            node = pn[node]
+        for e in range(n):
+            cells[e] = codes[e] >> 1
+        cells[leave] = ie * STRIDE + je
+        _peel(cells, n, k, kk, codes, deg, used)
+        _flows(codes, n, p, q, rs, rd, flow)
+
+    value = 0.0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        f = flow[pos]
+        if f > 0.0:
+            value += f * C[(c // STRIDE) * kk + c % STRIDE]
+    return value, pivots, status
+
+
+@njit(cache=True)
+def _workspace(K):
+    nb = 2 * K - 1
+    return (
+        np.empty(nb, np.int64),  # cells
+        np.empty(nb, np.int64),  # tmp
+        np.empty(nb, np.float64),  # flow
+        np.empty(K, np.float64),  # u
+        np.empty(K, np.float64),  # v
+        np.empty(K, np.float64),  # rs
+        np.empty(K, np.float64),  # rd
+        np.empty(2 * K, np.int64),  # deg
+        np.empty(nb, np.bool_),  # used
+        np.empty(K, np.bool_),  # row_on
+        np.empty(K, np.bool_),  # col_on
+        np.empty(2 * K, np.int64),  # parent edge
+        np.empty(2 * K, np.int64),  # parent node
+        np.empty(2 * K, np.int64),  # stack
+    )
+
+
+@njit(cache=True, parallel=True)
+def bellman_sweep(d, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value, codes, F, act, tgt, flw, stats):
+    """One application of the DT-BSM operator: F = max_a |dR| + gamma * W1(P, P'; d), in parallel over s.
+
+    A state-action missing in either model contributes `unknown_value` (0 for the optimistic bound, the
+    largest possible distance for the pessimistic one). Also records, per pair, the maximising action
+    (-1 when the unknown term wins) and its optimal coupling as (target pair index, mass) lists, which
+    define the linear system of the evaluation step. stats[s] accumulates (problems, pivots, failures).
+    """
+    S1, A = n1.shape
+    S2 = n2.shape[0]
+    K = max(idx1.shape[2], idx2.shape[2])
+    nb = codes.shape[3]
+    for s in prange(S1):
+        w = _workspace(K)
+        C = np.empty(K * K, np.float64)
+        best_t = np.empty(nb, np.int64)
+        best_f = np.empty(nb, np.float64)
+        problems = 0
+        pivots = 0
+        failures = 0
+        for s2 in range(S2):
+            best = -1.0
+            best_a = -1
+            best_n = 0
+            missing = False
+            for a in range(A):
+                k = n1[s, a]
+                kk = n2[s2, a]
+                if k == 0 or kk == 0:
+                    missing = True
+                    continue
+                for i in range(k):
+                    x = idx1[s, a, i]
+                    for j in range(kk):
+                        C[i * kk + j] = d[x, idx2[s2, a, j]]
+                value, piv, status = solve_transport(k, kk, p1[s, a, :k], p2[s2, a, :kk], C, codes[s, s2, a], w)
+                problems += 1
+                pivots += piv
+                failures += status
+                total = abs(R1[s, a] - R2[s2, a]) + gamma * value
+                if total > best:
+                    best = total
+                    best_a = a
+                    n = k + kk - 1
+                    best_n = n
+                    cb = codes[s, s2, a]
+                    flow = w[2]
+                    for pos in range(n):
+                        c = cb[pos] >> 1
+                        best_t[pos] = idx1[s, a, c // STRIDE] * S2 + idx2[s2, a, c % STRIDE]
+                        best_f[pos] = flow[pos]
+            if missing and unknown_value > best:
+                best = unknown_value
+                best_a = -1
+                best_n = 0
+            if best < 0.0:  # no action known on either side
+                best = unknown_value
+            F[s, s2] = best
+            act[s, s2] = best_a
+            for pos in range(nb):
+                if pos < best_n:
+                    tgt[s, s2, pos] = best_t[pos]
+                    flw[s, s2, pos] = best_f[pos]
+                else:
+                    tgt[s, s2, pos] = -1
+                    flw[s, s2, pos] = 0.0
+        stats[s, 0] += problems
+        stats[s, 1] += pivots
+        stats[s, 2] += failures
+
+
+@njit(cache=True)
+def evaluate_couplings(x, base, tgt, flw, gamma, tol, max_sweeps):
+    """Gauss-Seidel solve of x = base + gamma * Pi x for fixed actions and couplings; returns sweeps used.
+
+    `base` holds |dR| of the chosen action (or the constant of an unknown term, with no couplings).
+    The pair chain is gamma-discounted, so each sweep contracts the error by at least gamma.
+    """
+    S1, S2 = x.shape
+    nb = tgt.shape[2]
+    flat = x.reshape(S1 * S2)
+    for sweep in range(1, max_sweeps + 1):
+        delta = 0.0
+        for s in range(S1):
+            for s2 in range(S2):
+                acc = 0.0
+                for pos in range(nb):
+                    t = tgt[s, s2, pos]
+                    if t < 0:
+                        break
+                    acc += flw[s, s2, pos] * flat[t]
+                new = base[s, s2] + gamma * acc
+                diff = abs(new - flat[s * S2 + s2])
+                if diff > delta:
+                    delta = diff
+                flat[s * S2 + s2] = new
+        if delta <= tol:
+            return sweep
+    return max_sweeps
+
+
+@njit(cache=True)
+def sparse_rows(P, K):
+    """Supports of the rows of P (S, A, S'): indices and masses padded to K, and support sizes (0 = unknown)."""
+    S, A, S2 = P.shape
+    idx = np.zeros((S, A, K), np.int64)
+    mass = np.zeros((S, A, K), np.float64)
+    n = np.zeros((S, A), np.int64)
+    for s in range(S):
+        for a in range(A):
+            m = 0
+            for x in range(S2):
+                if P[s, a, x] > 0.0:
+                    idx[s, a, m] = x
+                    mass[s, a, m] = P[s, a, x]
+                    m += 1
+            n[s, a] = m
+    return idx, mass, n

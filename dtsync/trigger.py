@@ -1,0 +1,160 @@
+"""Resync trigger: turns a stream of mismatch evaluations into at most one event per drift episode.
+
+The rule is a threshold with hysteresis and a cooldown, in the style of a drift detector (River's
+``update`` + flag): the caller feeds one :class:`Evaluation` per metric computation and gets a
+:class:`Decision` back. Time is part of the evaluation, never read from a clock, so a replay of recorded
+telemetry fires exactly as the live daemon did.
+
+Semantics
+---------
+* The trigger starts *armed*. An armed trigger fires when the acted-on value reaches ``threshold``; it then
+  disarms, so a twin that stays drifted produces one event, not one per evaluation.
+* It re-arms only once the value drops strictly below ``rearm_below`` (default: ``threshold``). A band
+  ``rearm_below < threshold`` keeps a value wobbling around the threshold from firing again and again.
+* No event is emitted within ``cooldown_seconds`` (evaluation time) of the previous one. A crossing that
+  happens during the cooldown is deferred, not dropped: the trigger stays armed and fires on the first
+  evaluation after the cooldown if the value is still at or above the threshold.
+* While either window holds fewer than ``min_samples`` transitions, or coverage is below ``min_coverage``,
+  the twin is "warming": nothing fires and the armed state is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+ActOn = Literal["point", "lower", "upper", "excess"]
+State = Literal["warming", "ok", "drifted"]
+
+ACT_ON_CHOICES: tuple[ActOn, ...] = ("point", "lower", "upper", "excess")
+
+_FIGURE_NAMES: dict[ActOn, str] = {
+    "point": "mismatch",
+    "lower": "mismatch lower bound",
+    "upper": "mismatch upper bound",
+    "excess": "mismatch excess over noise floor",
+}
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    """When a twin's mismatch counts as drift; see the module docstring for the exact semantics."""
+
+    threshold: float
+    rearm_below: float | None = None
+    cooldown_seconds: float = 0.0
+    min_samples: int = 0
+    min_coverage: float = 0.0
+    act_on: ActOn = "point"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold}")
+        if self.rearm_below is not None:
+            if not (math.isfinite(self.rearm_below) and self.rearm_below >= 0):
+                raise ValueError(f"rearm_below must be a finite number >= 0, got {self.rearm_below}")
+            if self.rearm_below > self.threshold:
+                raise ValueError(
+                    f"rearm_below ({self.rearm_below}) must be <= threshold ({self.threshold}), "
+                    "otherwise the trigger would re-arm while still drifted"
+                )
+        if not (math.isfinite(self.cooldown_seconds) and self.cooldown_seconds >= 0):
+            raise ValueError(f"cooldown_seconds must be a finite number >= 0, got {self.cooldown_seconds}")
+        integral = isinstance(self.min_samples, numbers.Integral) and not isinstance(self.min_samples, bool)
+        if not integral or self.min_samples < 0:
+            raise ValueError(f"min_samples must be an integer >= 0, got {self.min_samples!r}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
+        if self.act_on not in ACT_ON_CHOICES:
+            raise ValueError(f"act_on must be one of {', '.join(ACT_ON_CHOICES)}; got {self.act_on!r}")
+
+    @property
+    def rearm_level(self) -> float:
+        """The value the acted-on figure must drop below to re-arm (``rearm_below`` or the threshold)."""
+        return self.threshold if self.rearm_below is None else self.rearm_below
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One metric computation for a (cell, twin) pair at evaluation time ``t`` (seconds)."""
+
+    t: float
+    mismatch: float
+    mismatch_lower: float
+    mismatch_upper: float
+    noise_floor: float
+    samples_real: int
+    samples_twin: int
+    coverage: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the trigger made of one evaluation; ``reason`` is a short sentence for logs and events."""
+
+    fired: bool
+    state: State
+    value: float
+    reason: str
+
+
+def acted_on_value(rule: TriggerRule, ev: Evaluation) -> float:
+    """The figure the threshold applies to: point, optimistic/pessimistic bound, or excess over the floor."""
+    if rule.act_on == "point":
+        return ev.mismatch
+    if rule.act_on == "lower":
+        return ev.mismatch_lower
+    if rule.act_on == "upper":
+        return ev.mismatch_upper
+    return max(0.0, ev.mismatch - ev.noise_floor)
+
+
+class Trigger:
+    """Stateful threshold/hysteresis/cooldown rule for one (cell, twin) pair."""
+
+    def __init__(self, rule: TriggerRule) -> None:
+        self.rule = rule
+        self.armed = True
+        self.last_fired_t: float | None = None
+
+    def set_rule(self, rule: TriggerRule) -> None:
+        """Swap the rule (config reload) keeping the armed and cooldown state, so a reload never re-fires."""
+        self.rule = rule
+
+    def update(self, ev: Evaluation) -> Decision:
+        """Feed one evaluation; returns whether it fires and the state of the twin."""
+        rule = self.rule
+        value = acted_on_value(rule, ev)
+        label = f"{_FIGURE_NAMES[rule.act_on]} {value:.4g}"
+
+        fewest = min(ev.samples_real, ev.samples_twin)
+        if fewest < rule.min_samples:
+            return Decision(False, "warming", value, f"warming: {fewest} < {rule.min_samples} samples")
+        if ev.coverage < rule.min_coverage:
+            return Decision(
+                False, "warming", value, f"warming: coverage {ev.coverage:.3g} < {rule.min_coverage:.3g}"
+            )
+        if math.isnan(value):
+            return Decision(False, "warming", value, f"warming: {_FIGURE_NAMES[rule.act_on]} is undefined")
+
+        if not self.armed:
+            if value < rule.rearm_level:
+                self.armed = True
+            else:
+                return Decision(
+                    False, "drifted", value, f"{label} not yet below re-arm level {rule.rearm_level:.4g}"
+                )
+
+        if value < rule.threshold:
+            return Decision(False, "ok", value, f"{label} < threshold {rule.threshold:.4g}")
+
+        if self.last_fired_t is not None and ev.t - self.last_fired_t < rule.cooldown_seconds:
+            until = self.last_fired_t + rule.cooldown_seconds
+            reason = f"{label} >= threshold {rule.threshold:.4g}; in cooldown until t={until:g}"
+            return Decision(False, "drifted", value, reason)
+
+        self.armed = False
+        self.last_fired_t = ev.t
+        return Decision(True, "drifted", value, f"{label} >= threshold {rule.threshold:.4g} ({rule.act_on})")

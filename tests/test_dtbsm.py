@@ -1,0 +1,126 @@
+"""Engine-specific behaviour of the exact DT-BSM: missing-data interval, labels, input errors, hard cases."""
+
+import numpy as np
+import pytest
+
+from dtsync.metric.dtbsm import DTBSMSolver, dtbsm
+from dtsync.metric.naive import dtbsm_naive
+
+
+def random_mdp(rng: np.random.Generator, S: int, A: int, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    R = rng.random((S, A))
+    P = np.zeros((S, A, S))
+    for s in range(S):
+        for a in range(A):
+            xs = rng.choice(S, size=min(k, S), replace=False)
+            P[s, a, xs] = rng.random(len(xs)) + 0.05
+    return R, P / P.sum(axis=-1, keepdims=True)
+
+
+def ring_mdp(S: int, A: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    R = np.tile(np.linspace(0, 1, A), (S, 1)) * (np.arange(S)[:, None] % 3 == 0)
+    P = np.zeros((S, A, S))
+    for s in range(S):
+        for a in range(A):
+            P[s, a, (s + a + shift) % S] = 0.7
+            P[s, a, (s - 1) % S] += 0.3
+    return R, P
+
+
+def test_matches_naive_at_high_gamma() -> None:
+    rng = np.random.default_rng(3)
+    R1, P1 = random_mdp(rng, 6, 2)
+    R2, P2 = random_mdp(rng, 6, 2)
+    res = dtbsm(R1, P1, R2, P2, 0.95, tol=1e-9)
+    ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.95, tol=1e-9)
+    assert np.abs(res.d - ref).max() < 1e-8
+    assert res.mismatch == pytest.approx(np.diag(ref).max(), abs=1e-8)
+
+
+def test_ring_mdp_converges_where_naive_policy_iteration_cycles() -> None:
+    R1, P1 = ring_mdp(24, 3, 1)
+    R2, P2 = ring_mdp(24, 3, 2)
+    res = dtbsm(R1, P1, R2, P2, 0.9)
+    ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9)
+    assert np.abs(res.d - ref).max() < 2e-8
+
+
+def test_missing_data_interval_contains_every_completion() -> None:
+    rng = np.random.default_rng(7)
+    R1, P1 = random_mdp(rng, 6, 3)
+    R2, P2 = random_mdp(rng, 6, 3)
+    full = dtbsm(R1, P1, R2, P2, 0.9)
+    P2_holes = P2.copy()
+    P2_holes[1, 0] = 0.0  # twin never tried action 0 in state 1
+    P2_holes[4, :] = 0.0  # twin never left state 4
+    res = dtbsm(R1, P1, R2, P2_holes, 0.9, reward_range=(0.0, 1.0))
+    assert res.coverage == pytest.approx(1 - 4 / 18)
+    assert np.all(res.d_lower <= res.d + 1e-9)
+    assert np.all(res.d <= res.d_upper + 1e-9)
+    # the true twin is one completion of the holes: its metric lies in the interval
+    assert np.all(res.d_lower <= full.d + 1e-8)
+    assert np.all(full.d <= res.d_upper + 1e-8)
+    assert res.mismatch_lower <= full.mismatch <= res.mismatch_upper
+    assert res.mismatch_upper > res.mismatch_lower
+
+
+def test_full_coverage_collapses_the_interval() -> None:
+    rng = np.random.default_rng(8)
+    R1, P1 = random_mdp(rng, 5, 2)
+    R2, P2 = random_mdp(rng, 5, 2)
+    res = dtbsm(R1, P1, R2, P2, 0.9)
+    assert res.coverage == 1.0
+    assert res.mismatch_lower == res.mismatch == res.mismatch_upper
+
+
+def test_labels_pair_states_across_different_state_sets() -> None:
+    rng = np.random.default_rng(9)
+    R1, P1 = random_mdp(rng, 5, 2)
+    order = [3, 0, 4, 1, 2]  # the twin lists the same states in another order
+    R2, P2 = R1[order], P1[order][:, :, order]
+    res = dtbsm(R1, P1, R2, P2, 0.9, labels_real=list("abcde"), labels_twin=[list("abcde")[i] for i in order])
+    assert res.mismatch == pytest.approx(0.0, abs=1e-9)
+    assert len(res.pairs) == 5
+    unlabelled = dtbsm(R1, P1, R2, P2, 0.9)
+    assert unlabelled.mismatch > 0.01
+
+
+def test_top_states_name_where_the_twin_departs() -> None:
+    rng = np.random.default_rng(10)
+    R1, P1 = random_mdp(rng, 6, 2)
+    R2 = R1.copy()
+    R2[2, 1] += 0.8
+    res = dtbsm(R1, P1, R2, P1, 0.5)
+    top = res.top_states(2)
+    assert top[0][0] == 2
+    assert top[0][1] == pytest.approx(res.mismatch)
+
+
+def test_warm_start_after_growth_of_the_state_space_equals_cold() -> None:
+    rng = np.random.default_rng(11)
+    R1, P1 = random_mdp(rng, 8, 3)
+    R2, P2 = random_mdp(rng, 8, 3)
+    solver = DTBSMSolver()
+    solver.solve(R1[:6], P1[:6, :, :6] / P1[:6, :, :6].sum(-1, keepdims=True), R2[:6],
+                 P2[:6, :, :6] / np.maximum(P2[:6, :, :6].sum(-1, keepdims=True), 1e-12), 0.9)  # fmt: skip
+    warm = solver.solve(R1, P1, R2, P2, 0.9)
+    cold = dtbsm(R1, P1, R2, P2, 0.9)
+    assert np.abs(warm.d - cold.d).max() <= 2e-8
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(gamma=1.0), "gamma"),
+        (dict(R_real=np.zeros((3, 2))), "shapes|R must be"),
+        (dict(P_real=np.full((4, 2, 4), 0.3)), "sum to 1"),
+        (dict(R_twin=np.full((4, 2), np.nan)), "finite"),
+        (dict(R_twin=np.zeros((4, 3)), P_twin=np.full((4, 3, 4), 0.25)), "action"),
+    ],
+)
+def test_bad_input_is_a_clear_error(bad: dict, message: str) -> None:
+    args = dict(R_real=np.zeros((4, 2)), P_real=np.full((4, 2, 4), 0.25), R_twin=np.zeros((4, 2)),
+                P_twin=np.full((4, 2, 4), 0.25), gamma=0.9)  # fmt: skip
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        dtbsm(**args)
