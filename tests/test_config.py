@@ -309,5 +309,5 @@ def test_shipped_config_loads() -> None:
     assert isinstance(cfg, Config)
     assert cfg.pairs() == [("cell-1", "twin-a"), ("cell-1", "twin-b")]
     b = cfg.twin_settings("cell-1", "twin-b")
-    assert b.gamma == 0.95 and b.trigger.threshold == 0.8 and b.trigger.rearm_below == 0.4
+    assert b.gamma == 0.95 and b.trigger.threshold == 0.8 and b.trigger.rearm_below == 0.3
     assert b.window == WindowSettings(count=2000)

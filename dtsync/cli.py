@@ -1,0 +1,194 @@
+"""The `dtsync` command: offline replay and ranking of recorded traces, and sample traces to try them on."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from tqdm import tqdm
+
+from dtsync.config import Config, ConfigError, default_config, load_config
+from dtsync.monitor import Report
+
+app = typer.Typer(
+    help="DT-BSM monitoring: is the digital twin still behaving like the real network?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration (see config.yaml).")]
+RealOpt = Annotated[Path, typer.Option("--real", help="JSONL trace of the real network.")]
+TwinOpt = Annotated[list[str], typer.Option("--twin", help="NAME=FILE: a twin's JSONL trace (repeatable).")]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="Discount factor (overrides the config).")]
+WindowOpt = Annotated[int | None, typer.Option("--window", help="Count window: the last N transitions per stream.")]
+ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Resync threshold (overrides the config).")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"dtsync: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _config(path: Path | None, gamma: float | None, window: int | None, threshold: float | None) -> Config:
+    try:
+        config = load_config(path) if path is not None else default_config()
+        return config.with_overrides(gamma=gamma, window_count=window, threshold=threshold)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _twins(specs: list[str], real: Path) -> dict[str, Path]:
+    if not specs:
+        _fail("give at least one --twin NAME=FILE")
+    twins: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            _fail(f"--twin takes NAME=FILE, got {spec!r}")
+        if name in twins or name == "real":
+            _fail(f"twin name {name!r} is used twice (or is the reserved name 'real')")
+        twins[name] = Path(file)
+    for path in (real, *twins.values()):
+        if not path.is_file():
+            _fail(f"{path}: no such file")
+    return twins
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+@app.command()
+def sample(
+    out: Annotated[Path, typer.Option("--out", help="Directory for real/faithful/drifting .jsonl")] = Path("samples"),
+    steps: Annotated[int, typer.Option(help="Transitions per trace.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+) -> None:
+    """Write sample traces: a real network, a faithful twin, and a twin whose dynamics drift at the midpoint."""
+    from dtsync.offline.sample import write_samples
+
+    paths = write_samples(out, steps=steps, seed=seed)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({steps} transitions each)")
+
+
+@app.command()
+def replay(
+    real: RealOpt,
+    twin: TwinOpt = [],  # noqa: B006 - typer reads the default, never mutates it
+    config: ConfigOpt = None,
+    gamma: GammaOpt = None,
+    window: WindowOpt = None,
+    threshold: ThresholdOpt = None,
+    timeline: Annotated[Path | None, typer.Option(help="Write one JSON object per evaluation here.")] = None,
+) -> None:
+    """Replay recorded traces through the monitor in time order; report the mismatch timeline and events."""
+    from dtsync.offline.replay import count_lines
+    from dtsync.offline.replay import replay as run_replay
+
+    twins = _twins(twin, real)
+    cfg = _config(config, gamma, window, threshold)
+    out = timeline.open("w", encoding="utf-8") if timeline else None
+    events: list[Report] = []
+
+    def on_report(report: Report) -> None:
+        if out:
+            out.write(json.dumps(report.record()) + "\n")
+        if report.fired:
+            events.append(report)
+
+    bar = tqdm(total=count_lines({"real": real, **twins}), unit="tr", disable=not sys.stderr.isatty(), leave=False)
+    try:
+        result = run_replay(cfg, real, twins, on_report=on_report, on_item=lambda: bar.update())
+    except ConfigError as e:
+        _fail(str(e))
+    finally:
+        bar.close()
+        if out:
+            out.close()
+    _print_replay(result.reports, events, result.transitions, result.rejected, timeline)
+
+
+def _print_replay(
+    reports: list[Report], events: list[Report], transitions: Any, rejected: Any, timeline: Path | None
+) -> None:
+    read = ", ".join(f"{k} {v}" for k, v in transitions.items())
+    typer.echo(f"replayed {sum(transitions.values())} transitions ({read}); rejected {sum(rejected.values())}")
+    for (stream, reason), n in sorted(rejected.items()):
+        typer.echo(f"  rejected {n} from {stream}: {reason}")
+    by_twin: dict[str, list[Report]] = {}
+    for r in reports:
+        by_twin.setdefault(r.twin, []).append(r)
+    rows = [("twin", "evals", "events", "max mismatch", "last mismatch", "[lower, upper]", "noise floor", "state")]
+    for name, rs in by_twin.items():
+        last = rs[-1].figures
+        rows.append((
+            name, str(len(rs)), str(sum(r.fired for r in rs)), _fmt(max(r.figures.mismatch for r in rs)),
+            _fmt(last.mismatch), f"[{_fmt(last.mismatch_lower)}, {_fmt(last.mismatch_upper)}]",
+            _fmt(last.noise_floor), rs[-1].state,
+        ))  # fmt: skip
+    _table(rows)
+    typer.echo(f"resync events: {len(events)}")
+    for e in events:
+        f = e.figures
+        typer.echo(f"  t={e.t:g} {e.twin}: {e.reason}; noise floor {_fmt(f.noise_floor)}, "
+                   f"regret bound {_fmt(f.regret_bound)} (estimate {_fmt(f.regret_estimate)}), "
+                   f"top states {[s for s, _ in f.top_states[:3]]}")  # fmt: skip
+    if timeline:
+        typer.echo(f"timeline: {timeline} ({len(reports)} evaluations)")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+@app.command()
+def rank(
+    real: RealOpt,
+    twin: TwinOpt = [],  # noqa: B006 - typer reads the default, never mutates it
+    config: ConfigOpt = None,
+    gamma: GammaOpt = None,
+    window: Annotated[int | None, typer.Option("--window", help="Use the last N transitions of each trace.")] = None,
+    top: Annotated[int, typer.Option(help="Keep the best N twins (0 = all).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Rank candidate twins by mismatch with the real trace, lowest first (pre-filtering before training)."""
+    from dtsync.offline.rank import rank as run_rank
+    from dtsync.offline.replay import count_lines
+
+    twins = _twins(twin, real)
+    whole = max(count_lines({"x": p}) for p in (real, *twins.values()))
+    cfg = _config(config, gamma, window or max(whole, 1), None)
+    try:
+        ranked = run_rank(cfg, real, twins)
+    except ConfigError as e:
+        _fail(str(e))
+    if top:
+        ranked = ranked[:top]
+    if as_json:
+        typer.echo(json.dumps([r.record() for r in ranked], indent=2))
+        return
+    rows = [("rank", "twin", "mismatch", "[lower, upper]", "noise floor", "TV bound", "regret bound",
+             "regret est.", "coverage", "samples r/t", "min N(s,a)", "top states")]  # fmt: skip
+    for i, r in enumerate(ranked, start=1):
+        f = r.report.figures
+        rows.append((
+            str(i), r.report.twin, _fmt(f.mismatch), f"[{_fmt(f.mismatch_lower)}, {_fmt(f.mismatch_upper)}]",
+            _fmt(f.noise_floor), _fmt(f.tv_bound), _fmt(f.regret_bound), _fmt(f.regret_estimate),
+            f"{f.coverage:.0%}", f"{f.samples_real}/{f.samples_twin}", f"{r.min_count} (need {r.samples_needed:.2g})",
+            ", ".join(str(s) for s, _ in f.top_states[:3]),
+        ))  # fmt: skip
+    _table(rows)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

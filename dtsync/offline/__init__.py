@@ -1,0 +1,1 @@
+"""Offline work on recorded traces: replay through the live pipeline, rank candidate twins, sample traces."""
