@@ -1,8 +1,12 @@
 """Engine-specific behaviour of the exact DT-BSM: missing-data interval, labels, input errors, hard cases."""
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
+from dtsync.metric import ot_kernel
 from dtsync.metric.dtbsm import DTBSMSolver, dtbsm
 from dtsync.metric.naive import dtbsm_naive
 
@@ -124,3 +128,55 @@ def test_bad_input_is_a_clear_error(bad: dict, message: str) -> None:
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         dtbsm(**args)
+
+
+# --- the kernels release the GIL (the daemon runs the metric in a worker thread next to its event loop) ----
+
+
+@pytest.mark.parametrize("name", ["bellman_sweep", "evaluate_couplings", "sparse_rows"])
+def test_kernels_release_the_gil_and_stay_cached(name: str) -> None:
+    kernel = getattr(ot_kernel, name)
+    assert kernel.targetoptions.get("nogil") is True
+    assert type(kernel._cache).__name__ != "NullCache"  # cache=True: no recompile per process
+
+
+def _busy_kernel_call(seconds: float) -> tuple[float, float]:
+    """One long compiled call (Gauss-Seidel passes with a tolerance that never stops them): (start, end)."""
+    rng = np.random.default_rng(0)
+    S, nb = 64, 5
+    x = np.zeros((S, S))
+    base = rng.random((S, S))
+    tgt = rng.integers(0, S * S, size=(S, S, nb))
+    flw = np.full((S, S, nb), 1.0 / nb)
+    ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, 1)  # loads the kernel
+    passes, took = 1, 0.0
+    while took < 0.05:  # calibrate
+        passes *= 2
+        start = time.perf_counter()
+        ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
+        took = time.perf_counter() - start
+    passes = int(passes * seconds / took) + 1
+    start = time.perf_counter()
+    ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
+    return start, time.perf_counter()
+
+
+def test_event_loop_keeps_running_while_a_kernel_runs_in_a_worker_thread() -> None:
+    """An asyncio ticker keeps ticking during one long kernel call in an executor thread. Were the GIL held,
+    the loop would stall for the whole call; allow scheduling noise up to half of it."""
+
+    async def scenario() -> tuple[list[float], tuple[float, float]]:
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(None, _busy_kernel_call, 0.6)
+        ticks: list[float] = []
+        while not job.done():
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.001)
+        return ticks, await job
+
+    ticks, (start, end) = asyncio.run(scenario())
+    inside = [start] + [t for t in ticks if start < t < end] + [end]
+    longest_stall = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+    assert end - start > 0.2
+    assert len(inside) > 20
+    assert longest_stall < 0.5 * (end - start)

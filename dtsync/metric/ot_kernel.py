@@ -23,7 +23,7 @@ _BLAND_AFTER = 50  # pivots with Dantzig's rule before switching to Bland's rule
 _MAX_PIVOTS = 10_000
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _peel(cells, n, k, kk, out_codes, deg, used) -> bool:
     """Order basis cells `cells[:n]` (i * STRIDE + j) by leaf peeling into `out_codes`; False if not a spanning tree."""
     for v in range(k + kk):
@@ -64,7 +64,7 @@ def _peel(cells, n, k, kk, out_codes, deg, used) -> bool:
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flows(codes, n, p, q, rs, rd, flow) -> bool:
     """Flows of a tree basis from the marginals; False if any is negative (basis not primal feasible)."""
     k = p.shape[0]
@@ -88,7 +88,7 @@ def _flows(codes, n, p, q, rs, rd, flow) -> bool:
     return ok
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _potentials(codes, n, C, kk, u, v) -> None:
     """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order."""
     last = codes[n - 1] >> 1
@@ -107,7 +107,7 @@ def _potentials(codes, n, C, kk, u, v) -> None:
             v[j] = C[i * kk + j] - u[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
     """Minimum-cost greedy starting basis: exactly k + kk - 1 cells forming a spanning tree."""
     order = np.argsort(C[: k * kk])
@@ -142,7 +142,7 @@ def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
             cols_left -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _tree_path(codes, n, k, start, goal, parent_edge, parent_node, stack) -> None:
     """Parent pointers of the basis tree rooted at node `start` (rows 0..k-1, columns k..)."""
     total = parent_edge.shape[0]
@@ -175,7 +175,7 @@ def _tree_path(codes, n, k, start, goal, parent_edge, parent_node, stack) -> Non
             top += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def solve_transport(k, kk, p, q, C, codes, w):
     """W1 = min_pi <pi, C> for marginals p (k), q (kk), costs C (row-major k x kk), warm-started from `codes`.
 
@@ -267,7 +267,7 @@ def solve_transport(k, kk, p, q, C, codes, w):
     return value, pivots, status
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _workspace(K):
     nb = 2 * K - 1
     return (
@@ -288,7 +288,7 @@ def _workspace(K):
     )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def bellman_sweep(d, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value, codes, F, act, tgt, flw, stats):
     """One application of the DT-BSM operator: F = max_a |dR| + gamma * W1(P, P'; d), in parallel over s.
 
@@ -360,7 +360,7 @@ def bellman_sweep(d, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value, c
         stats[s, 2] += failures
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def evaluate_couplings(x, base, tgt, flw, gamma, tol, max_sweeps):
     """Gauss-Seidel solve of x = base + gamma * Pi x for fixed actions and couplings; returns sweeps used.
 
@@ -390,7 +390,7 @@ def evaluate_couplings(x, base, tgt, flw, gamma, tol, max_sweeps):
     return max_sweeps
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sparse_rows(P, K):
     """Supports of the rows of P (S, A, S'): indices and masses padded to K, and support sizes (0 = unknown)."""
     S, A, S2 = P.shape
