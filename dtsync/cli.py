@@ -44,6 +44,14 @@ def _config(path: Path | None, gamma: float | None, window: int | None, threshol
 def _twins(specs: list[str], real: Path) -> dict[str, Path]:
     if not specs:
         _fail("give at least one --twin NAME=FILE")
+    twins = _twin_files(specs)
+    if not real.is_file():
+        _fail(f"{real}: no such file")
+    return twins
+
+
+def _twin_files(specs: list[str]) -> dict[str, Path]:
+    """NAME=FILE options: names unique and not the reserved 'real', files present."""
     twins: dict[str, Path] = {}
     for spec in specs:
         name, sep, file = spec.partition("=")
@@ -52,7 +60,7 @@ def _twins(specs: list[str], real: Path) -> dict[str, Path]:
         if name in twins or name == "real":
             _fail(f"twin name {name!r} is used twice (or is the reserved name 'real')")
         twins[name] = Path(file)
-    for path in (real, *twins.values()):
+    for path in twins.values():
         if not path.is_file():
             _fail(f"{path}: no such file")
     return twins
@@ -184,6 +192,136 @@ def rank(
             ", ".join(str(s) for s, _ in f.top_states[:3]),
         ))  # fmt: skip
     _table(rows)
+
+
+RequiredConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration (see config.yaml).")]
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command()
+def run(config: RequiredConfigOpt) -> None:
+    """Run the monitoring daemon: MQTT telemetry in, DT-BSM per twin, resync events and metrics out."""
+    import asyncio
+
+    from dtsync.daemon.service import Daemon
+    from dtsync.logs import configure_logging
+
+    cfg = _load(config)
+    if not cfg.cells:
+        _fail(f"{config}: no cells configured: nothing to monitor")
+    configure_logging(cfg.daemon.log_level, cfg.daemon.log_format)
+    try:
+        cfg.mqtt.password()
+        daemon = Daemon(cfg, config)
+    except ConfigError as e:
+        _fail(str(e))
+    except OSError as e:  # outbox directory not writable, ...
+        _fail(f"cannot start: {e}")
+    try:
+        asyncio.run(daemon.run())
+    except OSError as e:  # metrics address in use, ...
+        _fail(f"cannot serve metrics on {cfg.metrics.listen}: {e}")
+
+
+@app.command("check-config")
+def check_config(config: RequiredConfigOpt) -> None:
+    """Validate a configuration file and print what it monitors (exit 2 with the offending keys if invalid)."""
+    cfg = _load(config)
+    try:
+        cfg.mqtt.password()
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"{config}: ok")
+    m = cfg.mqtt
+    typer.echo(f"  broker {m.host}:{m.port} (MQTT {m.protocol}, TLS {'on' if m.tls else 'off'}), topics under "
+               f"{m.topic_prefix}/, instance {cfg.daemon.instance}, metrics {cfg.metrics.listen}")  # fmt: skip
+    rows = [("cell", "twin", "gamma", "threshold", "act on", "window", "real window")]
+    for cell, twin in cfg.pairs():
+        st = cfg.twin_settings(cell, twin)
+        rows.append((cell, twin, f"{st.gamma:g}", f"{st.trigger.threshold:g}", st.trigger.act_on,
+                     _window_text(st.window), _window_text(st.real_window)))  # fmt: skip
+    if len(rows) > 1:
+        _table(rows)
+    else:
+        typer.echo("  no cells configured (dtsync run needs at least one)")
+
+
+def _window_text(w: Any) -> str:
+    parts = ([f"last {w.count}"] if w.count else []) + ([f"{w.seconds:g} s"] if w.seconds else [])
+    return " / ".join(parts)
+
+
+@app.command()
+def publish(
+    cell: Annotated[str, typer.Option(help="Cell whose topics receive the traces.")],
+    real: Annotated[Path | None, typer.Option("--real", help="JSONL trace to publish as the real network.")] = None,
+    twin: TwinOpt = [],  # noqa: B006 - typer reads the default, never mutates it
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Broker host (overrides the config).")] = None,
+    port: Annotated[int | None, typer.Option(help="Broker port (overrides the config).")] = None,
+    rate: Annotated[float, typer.Option(help="Transitions per second over all streams; 0 = as fast as possible.")] = 0,
+    batch: Annotated[int, typer.Option(help="Transitions per message (JSON array when > 1).")] = 1,
+    qos: Annotated[int, typer.Option(help="MQTT QoS of the telemetry messages.")] = 0,
+) -> None:
+    """Publish recorded JSONL traces as live telemetry (a load generator; a way to feed recorded data)."""
+    import asyncio
+
+    import aiomqtt
+
+    from dtsync.daemon.publish import publish_traces
+
+    streams = {"real": real} if real is not None else {}
+    streams.update(_twin_files(twin))
+    if not streams:
+        _fail("give --real FILE and/or --twin NAME=FILE")
+    if real is not None and not real.is_file():
+        _fail(f"{real}: no such file")
+    if batch < 1 or qos not in (0, 1, 2) or rate < 0:
+        _fail("--batch must be >= 1, --qos 0, 1 or 2, --rate >= 0")
+    settings = _mqtt_settings(config, host, port)
+    try:
+        result = asyncio.run(publish_traces(settings, cell, streams, rate=rate, batch=batch, qos=qos))
+    except aiomqtt.MqttError as e:
+        _fail(f"broker {settings.host}:{settings.port}: {e}")
+    total = sum(result.transitions.values())
+    typer.echo(f"published {total} transitions in {result.messages} messages in {result.seconds:.2f} s "
+               f"({total / max(result.seconds, 1e-9):,.0f}/s); skipped {result.skipped} invalid lines")  # fmt: skip
+
+
+def _mqtt_settings(config: Path | None, host: str | None, port: int | None) -> Any:
+    settings = _load(config).mqtt if config is not None else default_config().mqtt
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    return settings.model_copy(update=overrides)
+
+
+@app.command()
+def watch(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Broker host (overrides the config).")] = None,
+    port: Annotated[int | None, typer.Option(help="Broker port (overrides the config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each message as one JSON line.")] = False,
+    events: Annotated[int, typer.Option(help="Exit after this many resync events (0 = never).")] = 0,
+) -> None:
+    """Print resync events, twin status and daemon liveness as they arrive (for a person at a terminal)."""
+    import asyncio
+
+    import aiomqtt
+
+    from dtsync.daemon.watch import watch as run_watch
+
+    settings = _mqtt_settings(config, host, port)
+    try:
+        asyncio.run(run_watch(settings, typer.echo, as_json=as_json, max_events=events))
+    except aiomqtt.MqttError as e:
+        _fail(f"broker {settings.host}:{settings.port}: {e}")
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

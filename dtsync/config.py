@@ -166,6 +166,11 @@ class MqttSettings(_Section):
     topic_prefix: str = "dtsync"
     client_id: str | None = None
     keepalive: int = Field(default=60, ge=1, le=65535)
+    event_expiry_seconds: int = Field(default=300, ge=1)
+    max_payload_bytes: int = Field(default=1_048_576, ge=64)
+    max_batch: int = Field(default=100_000, ge=1)
+    reconnect_min_seconds: float = Field(default=0.5, gt=0)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -184,7 +189,25 @@ class MqttSettings(_Section):
     def _one_password_source(self) -> MqttSettings:
         if self.password_file is not None and self.password_env is not None:
             raise ValueError("give password_file or password_env, not both")
+        if self.reconnect_max_seconds < self.reconnect_min_seconds:
+            raise ValueError("reconnect_max_seconds must be >= reconnect_min_seconds")
         return self
+
+    def password(self) -> str | None:
+        """The broker password from ``password_file`` (``$VARS`` expanded, e.g. systemd's
+        ``${CREDENTIALS_DIRECTORY}``) or ``password_env``; ConfigError naming the key if it cannot be read."""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            path = Path(os.path.expandvars(str(self.password_file)))
+            try:
+                return path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as e:
+                raise ConfigError(f"mqtt.password_file: cannot read {path}: {e.strerror or e}") from None
+        return None
 
 
 class MetricsSettings(_Section):
@@ -212,9 +235,22 @@ class MetricsSettings(_Section):
 
 
 class DaemonSettings(_Section):
-    """Service identity: ``instance`` names this monitor in topics, events and metric labels."""
+    """The service: ``instance`` names this monitor in topics and events; where the outbox lives; when a
+    stream counts as stale (``/healthz``); how many threads compute the metric; logging."""
 
     instance: Name = "default"
+    outbox_path: Path | None = None
+    stale_seconds: float = Field(default=60.0, gt=0)
+    workers: int = Field(default=2, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    def outbox_file(self) -> Path:
+        """Where the event outbox lives: ``outbox_path``, else systemd's ``$STATE_DIRECTORY``, else the cwd."""
+        if self.outbox_path is not None:
+            return Path(os.path.expandvars(str(self.outbox_path)))
+        state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(state_dir or ".") / f"dtsync-outbox-{self.instance}.sqlite"
 
 
 class TwinOverrides(_Section):

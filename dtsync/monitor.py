@@ -110,20 +110,19 @@ def _noise_scale(n_real: int, n_twin: int) -> float:
 
 
 @dataclass
-class TwinMonitor:
-    """Per-twin state: its window, warm-started solvers, trigger and schedule bookkeeping."""
+class MetricComputer:
+    """The heavy, pure part of an evaluation for one (cell, twin): settings and warm-started solvers.
+
+    It lives wherever the computation runs: in-process for replay and rank, in a worker process for the daemon
+    (which keeps one per twin there, so warm starts survive between evaluations).
+    """
 
     settings: TwinSettings
-    window: SlidingWindow
-    trigger: Trigger
     solver: DTBSMSolver = field(default_factory=DTBSMSolver)
     noise_solver: DTBSMSolver = field(default_factory=DTBSMSolver)
-    new_transitions: int = 0
-    last_eval_t: float | None = None
-    evaluations: int = 0
 
     def compute(self, snap: Snapshot) -> Figures:
-        """The metric, its interval, noise floor and bounds for one snapshot (pure; safe in a worker thread)."""
+        """The metric, its interval, noise floor and bounds for one snapshot."""
         started = time.perf_counter()
         st = self.settings
         real, twin = snap.real, snap.twin
@@ -155,6 +154,29 @@ class TwinMonitor:
         )
 
 
+@dataclass
+class TwinMonitor:
+    """Per-twin state: its window, trigger, schedule bookkeeping and (for in-process use) its computer."""
+
+    settings: TwinSettings
+    window: SlidingWindow
+    trigger: Trigger
+    computer: MetricComputer
+    new_transitions: int = 0
+    last_eval_t: float | None = None
+    evaluations: int = 0
+
+    @classmethod
+    def create(cls, settings: TwinSettings) -> TwinMonitor:
+        return cls(settings, _window(settings.window), Trigger(settings.trigger), MetricComputer(settings))
+
+    def reconfigure(self, settings: TwinSettings) -> None:
+        """New settings in place: the window is resized, the trigger keeps its state, solvers stay warm."""
+        self.settings = self.computer.settings = settings
+        self.trigger.set_rule(settings.trigger)
+        self.window.resize(settings.window.count, settings.window.seconds)
+
+
 def _observed_range(real: EmpiricalMDP, twin: EmpiricalMDP) -> tuple[float, float] | None:
     lows = [x for x in (real.reward_min, twin.reward_min) if not math.isnan(x)]
     highs = [x for x in (real.reward_max, twin.reward_max) if not math.isnan(x)]
@@ -166,11 +188,16 @@ def _span(reward_range: tuple[float, float] | None) -> float:
 
 
 class CellMonitor:
-    """The real stream of one cell against each of its twins."""
+    """The real stream of one cell against each of its twins.
 
-    def __init__(self, cell: str, config: Config) -> None:
+    Event ids are uuid5(event_namespace, cell/twin/t/evaluation number): reproducible for a replay with the
+    default namespace; the daemon passes a fresh namespace per start so that ids never repeat across runs.
+    """
+
+    def __init__(self, cell: str, config: Config, event_namespace: uuid.UUID = _EVENT_NAMESPACE) -> None:
         self.cell = cell
         self.config = config
+        self.event_namespace = event_namespace
         twins = list(config.cells[cell].twins)
         first = config.twin_settings(cell, twins[0])
         self.encoding = CellEncoding(StateEncoder(first.bins), max_states=config.max_states)
@@ -178,7 +205,31 @@ class CellMonitor:
         self.twins: dict[str, TwinMonitor] = {}
         for name in twins:
             st = config.twin_settings(cell, name)
-            self.twins[name] = TwinMonitor(st, _window(st.window), Trigger(st.trigger))
+            self.twins[name] = TwinMonitor.create(st)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (SIGHUP) without dropping data: windows are resized in place, triggers keep
+        their armed/cooldown state, new twins start empty, removed twins go. The state encoder cannot change
+        (indices already in the windows would change meaning): ValueError, and nothing is applied."""
+        names = list(config.cells[self.cell].twins)
+        settings = {name: config.twin_settings(self.cell, name) for name in names}
+        if settings[names[0]].bins != self.encoder_bins():
+            raise ValueError(f"cell {self.cell}: encoder.bins cannot change on reload (restart to change it)")
+        real = settings[names[0]].real_window
+        self.real.resize(real.count, real.seconds)
+        for name in [n for n in self.twins if n not in settings]:
+            del self.twins[name]
+        for name, st in settings.items():
+            if name in self.twins:
+                self.twins[name].reconfigure(st)
+            else:
+                self.twins[name] = TwinMonitor.create(st)
+        self.config = config
+
+    def encoder_bins(self) -> tuple[tuple[float, ...], ...] | None:
+        """The encoder's bin edges, in the config's form (for reload comparisons)."""
+        bins = self.encoding.state_encoder.bins
+        return None if bins is None else tuple(tuple(edges) for edges in bins)
 
     def add(self, stream: str, tr: Transition, now: float) -> str | None:
         """Add one transition to the real window or a twin's; returns a rejection reason, or None if kept.
@@ -244,7 +295,7 @@ class CellMonitor:
         tm.evaluations += 1
         event_id = None
         if decision.fired:
-            event_id = str(uuid.uuid5(_EVENT_NAMESPACE, f"{self.cell}/{twin}/{t!r}/{tm.evaluations}"))
+            event_id = str(uuid.uuid5(self.event_namespace, f"{self.cell}/{twin}/{t!r}/{tm.evaluations}"))
         return Report(
             t=t,
             cell=self.cell,
@@ -260,4 +311,4 @@ class CellMonitor:
     def evaluate(self, twin: str, now: float) -> Report:
         """Snapshot, compute and decide in one call (offline use)."""
         snap = self.snapshot(twin, now)
-        return self.decide(twin, snap.t, self.twins[twin].compute(snap))
+        return self.decide(twin, snap.t, self.twins[twin].computer.compute(snap))

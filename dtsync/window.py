@@ -140,6 +140,14 @@ class SlidingWindow:
             self._now = now
         self._evict()
 
+    def resize(self, max_count: int | None, max_seconds: float | None) -> None:
+        """Change the bounds in place (config reload) and evict what no longer fits; the rest is kept."""
+        if max_count is None and max_seconds is None:
+            raise ValueError("give max_count, max_seconds or both")
+        self.max_count = max_count
+        self.max_seconds = max_seconds
+        self._evict()
+
     def to_mdp(self, n_states: int, n_actions: int) -> EmpiricalMDP:
         """Dense MDP from the sparse counts: O(distinct (s,a,s')) numpy scatter plus an O(window) C-level
         min/max of the rewards. ``n_states``/``n_actions`` may exceed the indices seen (state space grows)."""

@@ -53,7 +53,7 @@ def rank(config: Config, real: Path, twins: dict[str, Path]) -> list[Ranked]:
     out = []
     for name, tm in monitor.twins.items():
         snap = monitor.snapshot(name, last_t)
-        report = monitor.decide(name, snap.t, tm.compute(snap))
+        report = monitor.decide(name, snap.t, tm.computer.compute(snap))
         both = snap.real.known & snap.twin.known
         min_count = int(np.minimum(snap.real.N, snap.twin.N)[both].min()) if both.any() else 0
         st = tm.settings

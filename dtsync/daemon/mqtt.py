@@ -1,0 +1,69 @@
+"""Building aiomqtt clients from the `mqtt` config section: protocol, credentials, TLS, will, backoff.
+
+Shared by the daemon, `dtsync publish` and `dtsync watch`, so all three reach the broker the same way.
+MQTT v5 is the default; "3.1.1" is for brokers that speak only that (amqtt, RabbitMQ's MQTT plugin, NATS).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import ssl
+from collections.abc import Iterator
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from dtsync.config import MqttSettings
+
+
+def make_client(
+    settings: MqttSettings,
+    *,
+    client_id: str | None = None,
+    will: aiomqtt.Will | None = None,
+    timeout: float = 10.0,
+) -> aiomqtt.Client:
+    """A not-yet-connected client (`async with` connects); raises ConfigError if the password is unreadable."""
+    protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    tls = None
+    if settings.tls is not None:
+        tls = aiomqtt.TLSParameters(
+            ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+            certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+            keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password(),
+        identifier=client_id or settings.client_id,
+        protocol=protocol,
+        will=will,
+        tls_params=tls,
+        keepalive=settings.keepalive,
+        timeout=timeout,
+    )
+
+
+def expiry_properties(settings: MqttSettings, seconds: float) -> Properties | None:
+    """MQTT v5 message-expiry property (whole seconds, at least 1); None on 3.1.1, which has no properties."""
+    if settings.protocol != "5":
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = max(1, math.ceil(seconds))
+    return props
+
+
+def backoff(low: float, high: float, rng: random.Random | None = None) -> Iterator[float]:
+    """Reconnect delays: exponential from `low` to `high` with "equal jitter" (each delay uniform in [d/2, d]),
+    so a fleet of daemons does not reconnect in lock-step after a broker restart."""
+    rng = rng or random.Random()
+    delay = low
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(high, delay * 2)
