@@ -35,6 +35,16 @@ def _compute(key: tuple[str, str], settings: TwinSettings, snap: Snapshot) -> Fi
     return computer.compute(snap)
 
 
+def _warm_up() -> None:
+    """Import the engine and load its compiled kernels (numba cache) before the first real evaluation."""
+    import numpy as np
+
+    from dtsync.metric import dtbsm
+
+    R, P = np.zeros((2, 1)), np.full((2, 1, 2), 0.5)
+    dtbsm(R, P, R + 1.0, P, 0.5)
+
+
 def _forget(key: tuple[str, str]) -> None:
     _COMPUTERS.pop(key, None)
 
@@ -53,6 +63,10 @@ class ComputePool:
 
     def submit(self, key: tuple[str, str], settings: TwinSettings, snap: Snapshot) -> Future[Figures]:
         return self._pool(key).submit(_compute, key, settings, snap)
+
+    def warm_up(self) -> list[Future[None]]:
+        """Start every worker and load the kernels there (a few seconds, once, before the first evaluation)."""
+        return [pool.submit(_warm_up) for pool in self._pools]
 
     def forget(self, key: tuple[str, str]) -> None:
         """Drop a removed twin's solvers in its worker."""

@@ -98,6 +98,7 @@ class Daemon:
                  cells=cells, outbox=str(self.outbox.path))  # fmt: skip
         ticker = asyncio.create_task(self._ticker())
         try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self._pool.warm_up()))
             await self._connection_loop()
         finally:
             ticker.cancel()
@@ -256,7 +257,7 @@ class Daemon:
             self.metrics.transitions.labels(cell, stream).inc(accepted)
             self.metrics.last_transition.labels(cell, stream).set(wall)
             self._last_seen[(cell, stream)] = time.monotonic()
-            self._clock[cell] = (max(t, self._stream_time(cell)), time.monotonic())
+            self._advance_clock(cell, t)
 
     def _reject(self, reason: str, **fields: Any) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -266,6 +267,10 @@ class Daemon:
         """The cell's clock: the newest transition time seen, advanced by the wall time elapsed since."""
         t, seen = self._clock.get(cell, (time.time(), time.monotonic()))
         return t + (time.monotonic() - seen)
+
+    def _advance_clock(self, cell: str, t: float) -> None:
+        last = self._clock.get(cell)
+        self._clock[cell] = (t if last is None else max(t, self._stream_time(cell)), time.monotonic())
 
     # --- evaluation -------------------------------------------------------------------------------------------
 
