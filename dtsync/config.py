@@ -275,6 +275,14 @@ class CellSettings(_Section):
             return {k: {} if v is None else v for k, v in twins.items()}
         return twins
 
+    @field_validator("twins")
+    @classmethod
+    def _not_real(cls, twins: dict[str, TwinOverrides]) -> dict[str, TwinOverrides]:
+        """``real`` names the cell's real stream (topic ``<prefix>/<cell>/real``), so no twin may take it."""
+        if "real" in twins:
+            raise ValueError("'real' is reserved for the cell's real stream; name the twin otherwise")
+        return twins
+
 
 class _MetricFields(_Section):
     """Settings a twin sees: the top level holds the defaults, a twin's merged view is validated as this."""

@@ -311,3 +311,38 @@ def test_shipped_config_loads() -> None:
     b = cfg.twin_settings("cell-1", "twin-b")
     assert b.gamma == 0.95 and b.trigger.threshold == 0.8 and b.trigger.rearm_below == 0.3
     assert b.window == WindowSettings(count=2000)
+
+
+def test_twin_may_not_be_called_real() -> None:
+    with pytest.raises(ConfigError, match="cells.c.twins: 'real' is reserved"):
+        parse_config({"cells": {"c": {"twins": {"real": {}}}}})
+
+
+def test_password_from_file_with_systemd_credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = parse_config({"mqtt": {"username": "dtsync", "password_file": "${CREDENTIALS_DIRECTORY}/mqtt-password"}})
+    assert cfg.mqtt.password() == "s3cret"
+
+
+def test_password_problems_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DTSYNC_TEST_PW", raising=False)
+    with pytest.raises(ConfigError, match="mqtt.password_env: environment variable DTSYNC_TEST_PW is not set"):
+        parse_config({"mqtt": {"password_env": "DTSYNC_TEST_PW"}}).mqtt.password()
+    monkeypatch.setenv("DTSYNC_TEST_PW", "pw")
+    assert parse_config({"mqtt": {"password_env": "DTSYNC_TEST_PW"}}).mqtt.password() == "pw"
+    with pytest.raises(ConfigError, match="mqtt.password_file: cannot read"):
+        parse_config({"mqtt": {"password_file": str(tmp_path / "missing")}}).mqtt.password()
+    assert parse_config({}).mqtt.password() is None
+
+
+def test_outbox_goes_to_the_systemd_state_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    assert parse_config({"daemon": {"instance": "a"}}).daemon.outbox_file() == tmp_path / "dtsync-outbox-a.sqlite"
+    explicit = parse_config({"daemon": {"outbox_path": "/x/o.sqlite"}}).daemon.outbox_file()
+    assert explicit == Path("/x/o.sqlite")
+
+
+def test_reconnect_bounds_are_ordered() -> None:
+    with pytest.raises(ConfigError, match="reconnect_max_seconds must be >= reconnect_min_seconds"):
+        parse_config({"mqtt": {"reconnect_min_seconds": 5, "reconnect_max_seconds": 1}})

@@ -285,7 +285,12 @@ class Daemon:
         self._in_flight.add(key)
         future = self._pool.submit(key, monitor.twins[twin].settings, snap)
         loop = asyncio.get_running_loop()
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._computed, monitor, twin, snap, f))
+
+        def back_on_the_loop(f: Future[Figures]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: we are stopping
+                loop.call_soon_threadsafe(self._computed, monitor, twin, snap, f)
+
+        future.add_done_callback(back_on_the_loop)
 
     def _computed(self, monitor: CellMonitor, twin: str, snap: Snapshot, future: Future[Figures]) -> None:
         key = (monitor.cell, twin)

@@ -1,0 +1,106 @@
+"""Daemon pieces without a broker: topic layout, the outbox, the metrics endpoint, check-config."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from typer.testing import CliRunner
+
+from dtsync.cli import app
+from dtsync.daemon.metrics import MetricsServer
+from dtsync.daemon.mqtt import backoff
+from dtsync.daemon.outbox import Outbox, PendingEvent
+from dtsync.daemon.topics import Topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "topic, parsed",
+    [
+        ("dt/x/cell-1/real", ("cell-1", "real")),
+        ("dt/x/cell-1/twin/t1", ("cell-1", "t1")),
+        ("dt/x/cell-1/twin/t1/resync", None),
+        ("dt/x/cell-1/twin/t1/status", None),
+        ("dt/x/cell-1/twin/real", None),
+        ("dt/x/cell-1/twin/", None),
+        ("dt/x/_daemon/a/status", None),
+        ("other/cell-1/real", None),
+        ("dt/xcell-1/real", None),
+    ],
+)
+def test_topic_parsing(topic: str, parsed: tuple[str, str] | None) -> None:
+    assert Topics("dt/x").parse_telemetry(topic) == parsed
+
+
+def test_topic_layout() -> None:
+    t = Topics("dtsync")
+    assert t.resync("c", "w") == "dtsync/c/twin/w/resync" and t.status("c", "w") == "dtsync/c/twin/w/status"
+    assert t.daemon_status("i") == "dtsync/_daemon/i/status"
+    assert t.telemetry_filters("c") == ["dtsync/c/real", "dtsync/c/twin/+"]
+
+
+def test_outbox_persists_in_order_and_forgets_on_ack(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "outbox.sqlite"
+    box = Outbox(path)
+    for i in range(3):
+        box.add(PendingEvent(f"e{i}", "t", b"{}", 100.0 + i))
+    box.add(PendingEvent("e0", "t", b"changed", 1.0))  # a re-add keeps the first copy
+    box.remove("e1")
+    box.close()
+    reopened = Outbox(path)  # as after a restart
+    assert [(e.event_id, e.payload) for e in reopened.pending()] == [("e0", b"{}"), ("e2", b"{}")]
+    assert len(reopened) == 2
+
+
+def test_backoff_grows_with_jitter_and_caps() -> None:
+    import random
+
+    delays = backoff(0.5, 4.0, random.Random(1))
+    got = [next(delays) for _ in range(8)]
+    caps = [0.5, 1, 2, 4, 4, 4, 4, 4]
+    assert all(c / 2 <= d <= c for d, c in zip(got, caps, strict=True))
+    assert len(set(got)) == len(got)
+
+
+def test_metrics_server_serves_metrics_and_health() -> None:
+    registry = CollectorRegistry()
+    Gauge("dtsync_probe", "probe", registry=registry).set(3)
+    state = {"ok": True}
+    server = MetricsServer("127.0.0.1", 0, registry, lambda: (state["ok"], {"why": "test"}))
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert "dtsync_probe 3.0" in urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert json.loads(urllib.request.urlopen(base + "/healthz", timeout=5).read()) == {"ok": True, "why": "test"}
+        state["ok"] = False
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert err.value.code == 503
+    finally:
+        server.stop()
+
+
+def test_check_config(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check-config", "--config", str(ROOT / "config.yaml")])
+    assert ok.exit_code == 0 and "cell-1  twin-b  0.95" in ok.output
+    for text, key in (("mqtt: {port: 0}", "mqtt.port"),
+                      ("cells: {c: {twins: {t: {trigger: {threshold: -1}}}}}", "cells.c.twins.t.trigger.threshold"),
+                      ("mqtt: {password_file: /nonexistent/pw}", "mqtt.password_file: cannot read")):  # fmt: skip
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        out = runner.invoke(app, ["check-config", "--config", str(bad)])
+        assert out.exit_code == 2 and key in out.output, out.output
+
+
+def test_run_refuses_a_config_without_cells(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("gamma: 0.9\n")
+    out = CliRunner().invoke(app, ["run", "--config", str(empty)])
+    assert out.exit_code == 2 and "no cells configured" in out.output
