@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test replay bench lint clean
+.PHONY: install system-deps test replay bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian packages the tests drive for real (mosquitto, prometheus, systemd-analyze); installs what is missing.
+system-deps:
+	.ci/system-deps
+
+test: system-deps $(STAMP)
 	$(BIN)/ruff check dtsync tests benchmarks
 	$(BIN)/pytest -q
 
