@@ -133,7 +133,7 @@ def test_bad_input_is_a_clear_error(bad: dict, message: str) -> None:
 # --- the kernels release the GIL (the daemon runs the metric in a worker thread next to its event loop) ----
 
 
-@pytest.mark.parametrize("name", ["bellman_sweep", "evaluate_couplings", "sparse_rows"])
+@pytest.mark.parametrize("name", ["sweep", "solve_transport", "evaluate_couplings", "sparse_rows"])
 def test_kernels_release_the_gil_and_stay_cached(name: str) -> None:
     kernel = getattr(ot_kernel, name)
     assert kernel.targetoptions.get("nogil") is True

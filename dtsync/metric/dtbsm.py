@@ -26,7 +26,7 @@ skips what neither window saw; it lies inside the interval.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ import numpy as np
 from dtsync.metric import ot_kernel
 
 _MAX_ROUNDS = 100_000
+_PARALLEL_WORK = 1 << 17  # transport problems per sweep from which the sweep runs on numba's thread pool
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,72 @@ class FixedPoint:
     pivots: int
 
 
-@dataclass
 class _Workspace:
-    """Per-solver reusable state: optimal bases of every transport problem (the warm start)."""
+    """Per-solver state kept between calls (the warm start): every transport problem's basis and bounds.
 
-    codes: np.ndarray = field(default_factory=lambda: np.full((0, 0, 0, 1), -1, np.int32))
+    codes (S, S', A, 2K-1): tree bases; wb, ex (S, S', A): the value anchors and optimality expiries read by
+    `ot_kernel.sweep`, both relative to `cum`, an upper bound on the sup-norm path length of d since the
+    workspace was (re)set, advanced by `observe` each time d is read. A state-action whose data changed since
+    the last call loses its anchors (its basis is kept as a warm start and re-proved).
+    """
 
-    def bases(self, S1: int, S2: int, A: int, nb: int) -> np.ndarray:
-        old = self.codes
-        if old.shape[:3] != (S1, S2, A) or old.shape[3] < nb:
-            new = np.full((S1, S2, A, max(nb, old.shape[3])), -1, np.int32)
+    def __init__(self) -> None:
+        self.key: tuple[int, ...] | None = None
+        self.codes = np.full((0, 0, 0, 1), -1, np.int32)
+        self.wb = np.zeros((0, 0, 0))
+        self.ex = np.zeros((0, 0, 0))
+        self.act = np.zeros((0, 0), np.int64)
+        self.cum = 0.0
+        self.seen: np.ndarray | None = None
+        self.m1: SparseMDP | None = None
+        self.m2: SparseMDP | None = None
+
+    def prepare(self, m1: SparseMDP, m2: SparseMDP) -> None:
+        S1, A = m1.n.shape
+        S2 = m2.n.shape[0]
+        nb = 2 * max(m1.idx.shape[2], m2.idx.shape[2]) - 1
+        key = (S1, S2, A, nb, m1.idx.shape[2], m2.idx.shape[2])
+        if key != self.key:
+            old = self.codes
+            codes = np.full((S1, S2, A, max(nb, old.shape[3])), -1, np.int32)
             s1, s2, a = (min(x, y) for x, y in zip(old.shape[:3], (S1, S2, A), strict=True))
-            new[:s1, :s2, :a, : old.shape[3]] = old[:s1, :s2, :a]
-            self.codes = new
-        return self.codes
+            codes[:s1, :s2, :a, : old.shape[3]] = old[:s1, :s2, :a]  # bases are re-validated before use
+            self.codes = codes
+            self.wb = np.full((S1, S2, A), np.inf)
+            self.ex = np.full((S1, S2, A), -np.inf)
+            self.act = np.full((S1, S2), -1, np.int64)
+            self.cum = 0.0
+            self.seen = None
+            self.key = key
+        else:
+            assert self.m1 is not None and self.m2 is not None
+            c1 = _changed_rows(self.m1, m1)
+            c2 = _changed_rows(self.m2, m2)
+            if c1.any():
+                s, a = np.nonzero(c1)
+                self.wb[s, :, a] = np.inf
+                self.ex[s, :, a] = -1.0  # expired; the basis stays as a warm start
+            if c2.any():
+                s2, a = np.nonzero(c2)
+                self.wb[:, s2, a] = np.inf
+                self.ex[:, s2, a] = -1.0
+        self.m1, self.m2 = m1, m2
+
+    def observe(self, d: np.ndarray) -> None:
+        """d is about to be read: advance cum by how far it moved since last read."""
+        if self.seen is None:
+            self.seen = d.copy()
+            return
+        self.cum += float(np.max(np.abs(d - self.seen), initial=0.0)) * (1.0 + 1e-12)
+        self.seen[...] = d
+
+
+def _changed_rows(old: SparseMDP, new: SparseMDP) -> np.ndarray:
+    return (
+        (old.n != new.n)
+        | (old.idx != new.idx).any(axis=-1)
+        | (old.mass != new.mass).any(axis=-1)
+    )
 
 
 def fixed_point(
@@ -92,47 +145,81 @@ def fixed_point(
     start: np.ndarray | None = None,
     workspace: _Workspace | None = None,
 ) -> FixedPoint:
-    """Fixed point of the DT-BSM operator in which unknown terms are worth `unknown_value`."""
+    """Fixed point of the DT-BSM operator in which unknown terms are worth `unknown_value`.
+
+    Strategy iteration with the minimising player (the couplings) outside: an exact sweep computes F(d) and
+    re-optimises the couplings that matter; then the maximising player's problem for those fixed couplings
+    (an ordinary discounted MDP over pairs, no transport problems) is solved by policy iteration, whose
+    improvement steps are cheap pruned sweeps without pivoting. A round is kept only if its exact residual
+    beats gamma times the last one (what a plain sweep guarantees); otherwise the plain sweep's F is taken.
+    """
     S1, A = m1.n.shape
     S2 = m2.n.shape[0]
     if S1 == 0 or S2 == 0:
         return FixedPoint(np.zeros((S1, S2)), 0, 0.0, 0, 0)
-    K = max(m1.idx.shape[2], m2.idx.shape[2])
-    nb = 2 * K - 1
-    codes = (workspace or _Workspace()).bases(S1, S2, A, nb)
+    ws = workspace or _Workspace()
+    ws.prepare(m1, m2)
+    nb = ws.codes.shape[3]
     d = _reward_gap(m1, m2, unknown_value) if start is None else np.array(start, dtype=np.float64, copy=True)
     F = np.empty((S1, S2))
-    act = np.empty((S1, S2), np.int64)
-    tgt = np.empty((S1, S2, codes.shape[3]), np.int64)
-    flw = np.empty((S1, S2, codes.shape[3]))
-    stats = np.zeros((S1, 3), np.int64)
+    act = ws.act
+    tgt = np.empty((S1, S2, nb), np.int64)
+    flw = np.empty((S1, S2, nb))
+    stats = np.zeros((S1, 4), np.int64)
     stop = tol * (1.0 - gamma) / gamma
     rows = np.arange(S1)[:, None]
     cols = np.arange(S2)[None, :]
+
+    # Small problems run on the calling thread: waking the pool for a millisecond of work costs more than it
+    # saves (and on a busy machine the slowest thread's wake-up dominates).
+    kernel = ot_kernel.sweep if S1 * S2 * A >= _PARALLEL_WORK else ot_kernel.sweep_serial
+
+    def run(x: np.ndarray, exact: bool) -> float:
+        ws.observe(x)
+        kernel(
+            x, ws.cum, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
+            gamma, unknown_value, ws.codes, ws.wb, ws.ex, F, act, tgt, flw, stats,
+        )  # fmt: skip
+        return float(np.max(np.abs(F - x)))
+
+    def base() -> np.ndarray:
+        a = np.maximum(act, 0)
+        return np.where(act >= 0, np.abs(m1.R[rows, a] - m2.R[cols, a]), F)
+
+    def solve_max_player(x: np.ndarray, inner_tol: float) -> np.ndarray:
+        """Policy iteration for the maximising player with the couplings fixed; x holds T_pi(previous)."""
+        for _inner in range(100):
+            ot_kernel.evaluate_couplings(x, base(), tgt, flw, gamma, inner_tol, 100_000)
+            r = run(x, False)
+            x[...] = F
+            if r <= inner_tol:
+                break
+        return x
+
+    if start is None:
+        # Cold: couplings by the greedy rule at the reward-gap costs (no pivoting), then the maximising player's
+        # fixed point for them: an upper bound on d at which the first exact sweep has far fewer pivots to do.
+        run(d, False)
+        d = solve_max_player(F.copy(), 1e-3 * float(np.max(np.abs(F), initial=1.0)))
     accepted_F: np.ndarray | None = None
     accepted_res = np.inf
     candidate = False
-    for sweeps in range(1, _MAX_ROUNDS + 1):
-        ot_kernel.bellman_sweep(
-            d, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
-            gamma, unknown_value, codes, F, act, tgt, flw, stats,
-        )  # fmt: skip
-        res = float(np.max(np.abs(F - d)))
+    sweeps = 0
+    for _ in range(_MAX_ROUNDS):
+        sweeps += 1
+        res = run(d, True)
         if res <= stop:
             return FixedPoint(F.copy(), sweeps, res, int(stats[:, 0].sum()), int(stats[:, 1].sum()))
         if candidate and res > gamma * accepted_res and accepted_F is not None:
-            # The evaluation step did worse than a plain sweep would have: take the plain sweep instead.
+            # The round did worse than a plain sweep would have: take the plain sweep instead.
             d = accepted_F
             candidate = False
             continue
         accepted_F = F.copy()
         accepted_res = res
-        a = np.maximum(act, 0)
-        base = np.where(act >= 0, np.abs(m1.R[rows, a] - m2.R[cols, a]), F)
-        d = F.copy()
-        ot_kernel.evaluate_couplings(d, base, tgt, flw, gamma, max(stop * 0.1, res * 1e-3), 100_000)
+        d = solve_max_player(F.copy(), max(stop * 0.1, res * 1e-2))
         candidate = True
-    raise RuntimeError(f"DT-BSM did not converge in {_MAX_ROUNDS} sweeps (residual {res:.3g})")
+    raise RuntimeError(f"DT-BSM did not converge in {_MAX_ROUNDS} rounds (residual {res:.3g})")
 
 
 def _reward_gap(m1: SparseMDP, m2: SparseMDP, unknown_value: float) -> np.ndarray:

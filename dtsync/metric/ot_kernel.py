@@ -108,9 +108,21 @@ def _potentials(codes, n, C, kk, u, v) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
-    """Minimum-cost greedy starting basis: exactly k + kk - 1 cells forming a spanning tree."""
-    order = np.argsort(C[: k * kk])
+def _greedy_basis(k, kk, p, q, C, codes, order, rs, rd, row_on, col_on) -> None:
+    """Minimum-cost greedy starting basis, written straight into `codes` in leaf-peeling order.
+
+    Each allocation crosses out exactly one line (the last one closes both), so the cells form a spanning tree
+    and every cell is the only one left on its crossed-out line among the cells after it: greedy order is a
+    peeling order, with the crossed-out line telling which end is the leaf.
+    """
+    m = k * kk
+    for t in range(m):  # insertion sort of the cells by cost (m <= K * K, small)
+        c = C[t]
+        pos = t
+        while pos > 0 and C[order[pos - 1]] > c:
+            order[pos] = order[pos - 1]
+            pos -= 1
+        order[pos] = t
     for i in range(k):
         rs[i] = p[i]
         row_on[i] = True
@@ -120,7 +132,7 @@ def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
     rows_left = k
     cols_left = kk
     n = 0
-    for t in range(k * kk):
+    for t in range(m):
         cell = order[t]
         i = cell // kk
         j = cell % kk
@@ -129,17 +141,49 @@ def _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on) -> None:
         f = min(rs[i], rd[j])
         rs[i] -= f
         rd[j] -= f
-        cells[n] = i * STRIDE + j
-        n += 1
+        code = (i * STRIDE + j) << 1
         if rows_left == 1 and cols_left == 1:
+            codes[n] = code | 1
+            n += 1
             break
         # Cross out exactly one line per allocation (the last pair closes both) so the cells form a tree.
         if (rs[i] <= rd[j] and rows_left > 1) or cols_left == 1:
             row_on[i] = False
             rows_left -= 1
+            codes[n] = code | 1
         else:
             col_on[j] = False
             cols_left -= 1
+            codes[n] = code
+        n += 1
+    for pos in range(n, codes.shape[0]):
+        codes[pos] = -1
+
+
+@njit(cache=True, nogil=True)
+def _corner_basis(k, kk, p, q, codes, rs, rd) -> None:
+    """North-west corner basis (cost-blind, no cost read), in leaf-peeling order like `_greedy_basis`."""
+    for i in range(k):
+        rs[i] = p[i]
+    for j in range(kk):
+        rd[j] = q[j]
+    i = 0
+    j = 0
+    n = k + kk - 1
+    for pos in range(n):
+        f = min(rs[i], rd[j])
+        rs[i] -= f
+        rd[j] -= f
+        code = (i * STRIDE + j) << 1
+        # Cross out the row (leaf end: row) unless it is the last row, else the column; the last cell closes both.
+        if pos == n - 1 or ((rs[i] <= rd[j] and i < k - 1) or j == kk - 1):
+            codes[pos] = code | 1
+            i = min(i + 1, k - 1)
+        else:
+            codes[pos] = code
+            j += 1
+    for pos in range(n, codes.shape[0]):
+        codes[pos] = -1
 
 
 @njit(cache=True, nogil=True)
@@ -176,39 +220,35 @@ def _tree_path(codes, n, k, start, goal, parent_edge, parent_node, stack) -> Non
 
 
 @njit(cache=True, nogil=True)
-def solve_transport(k, kk, p, q, C, codes, w):
-    """W1 = min_pi <pi, C> for marginals p (k), q (kk), costs C (row-major k x kk), warm-started from `codes`.
+def _basis_fits(codes, n, k, kk) -> bool:
+    """A stored basis has exactly n cells inside the current k x kk problem."""
+    if codes[0] < 0 or (codes.shape[0] > n and codes[n] >= 0):
+        return False
+    for pos in range(n):
+        code = codes[pos]
+        c = code >> 1
+        if code < 0 or c // STRIDE >= k or c % STRIDE >= kk:
+            return False
+    return True
 
-    Returns (value, pivots, status): status 0 optimal, 1 pivot limit hit (value is a feasible upper bound).
-    `codes` (length >= k + kk - 1) is updated in place to the optimal basis.
+
+@njit(cache=True, nogil=True)
+def _optimize(k, kk, p, q, C, codes, w):
+    """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in w[2]).
+
+    Returns (value, pivots, status, slack): status 0 optimal, 1 pivot limit hit (value is a feasible upper
+    bound); slack = smallest reduced cost of a non-basic cell at the optimum (+inf when every cell is basic).
     """
     n = k + kk - 1
-    cells, tmp, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack = w
+    cells, mark, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack, order = w
     cmax = 0.0
     for t in range(k * kk):
         if C[t] > cmax:
             cmax = C[t]
     eps = 1e-12 * max(1.0, cmax)
-
-    valid = codes[0] >= 0 and (codes.shape[0] == n or codes[n] < 0)
-    if valid:
-        for pos in range(n):
-            code = codes[pos]
-            c = code >> 1
-            if code < 0 or c // STRIDE >= k or c % STRIDE >= kk:
-                valid = False
-                break
-    if valid:
-        valid = _flows(codes, n, p, q, rs, rd, flow)
-    if not valid:
-        _greedy_basis(k, kk, p, q, C, cells, rs, rd, row_on, col_on)
-        _peel(cells, n, k, kk, codes, deg, used)
-        _flows(codes, n, p, q, rs, rd, flow)
-        for pos in range(n, codes.shape[0]):
-            codes[pos] = -1
-
     pivots = 0
     status = 0
+    slack = np.inf
     while True:
         _potentials(codes, n, C, kk, u, v)
         # Entering cell: most negative reduced cost (Dantzig), or the first negative one (Bland) once long.
@@ -264,6 +304,37 @@ def solve_transport(k, kk, p, q, C, codes, w):
         f = flow[pos]
         if f > 0.0:
             value += f * C[(c // STRIDE) * kk + c % STRIDE]
+    if status == 0 and n < k * kk:
+        # Smallest reduced cost off the tree: how far the costs may move before this basis can stop being optimal.
+        for t in range(k * kk):
+            mark[t] = 0
+        for pos in range(n):
+            c = codes[pos] >> 1
+            mark[(c // STRIDE) * kk + c % STRIDE] = 1
+        for i in range(k):
+            ui = u[i]
+            for j in range(kk):
+                if mark[i * kk + j] == 0:
+                    r = C[i * kk + j] - ui - v[j]
+                    if r < slack:
+                        slack = r
+        if slack < 0.0:
+            slack = 0.0
+    return value, pivots, status, slack
+
+
+@njit(cache=True, nogil=True)
+def solve_transport(k, kk, p, q, C, codes, w):
+    """W1 = min_pi <pi, C> for marginals p (k), q (kk), costs C (row-major k x kk), warm-started from `codes`.
+
+    Returns (value, pivots, status): status 0 optimal, 1 pivot limit hit (value is a feasible upper bound).
+    `codes` (length >= k + kk - 1) is updated in place to the optimal basis.
+    """
+    n = k + kk - 1
+    if not (_basis_fits(codes, n, k, kk) and _flows(codes, n, p, q, w[5], w[6], w[2])):
+        _greedy_basis(k, kk, p, q, C, codes, w[14], w[5], w[6], w[9], w[10])
+        _flows(codes, n, p, q, w[5], w[6], w[2])
+    value, pivots, status, slack = _optimize(k, kk, p, q, C, codes, w)
     return value, pivots, status
 
 
@@ -272,7 +343,7 @@ def _workspace(K):
     nb = 2 * K - 1
     return (
         np.empty(nb, np.int64),  # cells
-        np.empty(nb, np.int64),  # tmp
+        np.empty(K * K, np.int8),  # mark (basic cells)
         np.empty(nb, np.float64),  # flow
         np.empty(K, np.float64),  # u
         np.empty(K, np.float64),  # v
@@ -285,79 +356,169 @@ def _workspace(K):
         np.empty(2 * K, np.int64),  # parent edge
         np.empty(2 * K, np.int64),  # parent node
         np.empty(2 * K, np.int64),  # stack
+        np.empty(K * K, np.int64),  # order (greedy)
     )
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def bellman_sweep(d, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value, codes, F, act, tgt, flw, stats):
-    """One application of the DT-BSM operator: F = max_a |dR| + gamma * W1(P, P'; d), in parallel over s.
-
-    A state-action missing in either model contributes `unknown_value` (0 for the optimistic bound, the
-    largest possible distance for the pessimistic one). Also records, per pair, the maximising action
-    (-1 when the unknown term wins) and its optimal coupling as (target pair index, mass) lists, which
-    define the linear system of the evaluation step. stats[s] accumulates (problems, pivots, failures).
-    """
+@njit(cache=True, nogil=True)
+def _sweep_row(
+    s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    codes, wb, ex, F, act, tgt, flw, stats,
+):  # fmt: skip
+    """Row s of `sweep`."""
     S1, A = n1.shape
     S2 = n2.shape[0]
     K = max(idx1.shape[2], idx2.shape[2])
     nb = codes.shape[3]
-    for s in prange(S1):
-        w = _workspace(K)
-        C = np.empty(K * K, np.float64)
-        best_t = np.empty(nb, np.int64)
-        best_f = np.empty(nb, np.float64)
-        problems = 0
-        pivots = 0
-        failures = 0
-        for s2 in range(S2):
-            best = -1.0
-            best_a = -1
-            best_n = 0
-            missing = False
-            for a in range(A):
-                k = n1[s, a]
-                kk = n2[s2, a]
-                if k == 0 or kk == 0:
-                    missing = True
-                    continue
+    margin = 1e-12 * (1.0 + cum)
+    w = _workspace(K)
+    flow = w[2]
+    C = np.empty(K * K, np.float64)
+    U = np.empty(A, np.float64)
+    best_t = np.empty(nb, np.int64)
+    best_f = np.empty(nb, np.float64)
+    problems = 0
+    pivots = 0
+    failures = 0
+    dots = 0
+    for s2 in range(S2):
+        missing = False
+        for a in range(A):
+            if n1[s, a] == 0 or n2[s2, a] == 0:
+                missing = True
+                U[a] = -np.inf
+            else:
+                U[a] = abs(R1[s, a] - R2[s2, a]) + gamma * (wb[s, s2, a] + cum) + margin
+        best = -1.0
+        best_a = -1
+        best_n = 0
+        a = act[s, s2]  # the previous choice first: it usually stays the maximum and prunes the rest
+        if a >= A or (a >= 0 and U[a] == -np.inf):
+            a = -1
+        while True:
+            if a < 0:
+                top = best
+                for b in range(A):
+                    if U[b] > top:
+                        top = U[b]
+                        a = b
+                if a < 0:
+                    break
+            U[a] = -np.inf
+            k = n1[s, a]
+            kk = n2[s2, a]
+            n = k + kk - 1
+            cb = codes[s, s2, a]
+            pa = p1[s, a, :k]
+            qa = p2[s2, a, :kk]
+            ix = idx1[s, a]
+            iy = idx2[s2, a]
+            fits = _basis_fits(cb, n, k, kk) and _flows(cb, n, pa, qa, w[5], w[6], flow)
+            if not fits and not exact:
+                # A placeholder coupling (cost-blind, cheap); ex = -inf marks it for a greedy rebuild.
+                _corner_basis(k, kk, pa, qa, cb, w[5], w[6])
+                _flows(cb, n, pa, qa, w[5], w[6], flow)
+                ex[s, s2, a] = -np.inf
+            if exact and (not fits or not cum < ex[s, s2, a]):
                 for i in range(k):
-                    x = idx1[s, a, i]
+                    row = d[ix[i]]
                     for j in range(kk):
-                        C[i * kk + j] = d[x, idx2[s2, a, j]]
-                value, piv, status = solve_transport(k, kk, p1[s, a, :k], p2[s2, a, :kk], C, codes[s, s2, a], w)
+                        C[i * kk + j] = row[iy[j]]
+                if not fits or ex[s, s2, a] == -np.inf:
+                    _greedy_basis(k, kk, pa, qa, C, cb, w[14], w[5], w[6], w[9], w[10])
+                    _flows(cb, n, pa, qa, w[5], w[6], flow)
+                value, piv, status, slack = _optimize(k, kk, pa, qa, C, cb, w)
                 problems += 1
                 pivots += piv
                 failures += status
-                total = abs(R1[s, a] - R2[s2, a]) + gamma * value
-                if total > best:
-                    best = total
-                    best_a = a
-                    n = k + kk - 1
-                    best_n = n
-                    cb = codes[s, s2, a]
-                    flow = w[2]
-                    for pos in range(n):
-                        c = cb[pos] >> 1
-                        best_t[pos] = idx1[s, a, c // STRIDE] * S2 + idx2[s2, a, c % STRIDE]
-                        best_f[pos] = flow[pos]
-            if missing and unknown_value > best:
-                best = unknown_value
-                best_a = -1
-                best_n = 0
-            if best < 0.0:  # no action known on either side
-                best = unknown_value
-            F[s, s2] = best
-            act[s, s2] = best_a
-            for pos in range(nb):
-                if pos < best_n:
-                    tgt[s, s2, pos] = best_t[pos]
-                    flw[s, s2, pos] = best_f[pos]
+                if status == 0:
+                    ex[s, s2, a] = cum + slack / (2 * min(k, kk)) - margin
                 else:
-                    tgt[s, s2, pos] = -1
-                    flw[s, s2, pos] = 0.0
-        stats[s, 0] += problems
-        stats[s, 1] += pivots
-        stats[s, 2] += failures
+                    ex[s, s2, a] = -np.inf
+            else:
+                value = 0.0
+                for pos in range(n):
+                    c = cb[pos] >> 1
+                    value += flow[pos] * d[ix[c // STRIDE], iy[c % STRIDE]]
+                dots += 1
+            wb[s, s2, a] = value - cum
+            total = abs(R1[s, a] - R2[s2, a]) + gamma * value
+            if total > best:
+                best = total
+                best_a = a
+                best_n = n
+                for pos in range(n):
+                    c = cb[pos] >> 1
+                    best_t[pos] = ix[c // STRIDE] * S2 + iy[c % STRIDE]
+                    best_f[pos] = flow[pos]
+            a = -1
+        if missing and unknown_value > best:
+            best = unknown_value
+            best_a = -1
+            best_n = 0
+        if best < 0.0:  # no action known on either side
+            best = unknown_value
+        F[s, s2] = best
+        act[s, s2] = best_a
+        for pos in range(nb):
+            if pos < best_n:
+                tgt[s, s2, pos] = best_t[pos]
+                flw[s, s2, pos] = best_f[pos]
+            else:
+                tgt[s, s2, pos] = -1
+                flw[s, s2, pos] = 0.0
+    stats[s, 0] += problems
+    stats[s, 1] += pivots
+    stats[s, 2] += failures
+    stats[s, 3] += dots
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def sweep(
+    d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    codes, wb, ex, F, act, tgt, flw, stats,
+):  # fmt: skip
+    """One application of the operator, F = max_a |dR| + gamma * W_a, in parallel over s, pruned by bounds.
+
+    Every transport problem (s, s', a) keeps a tree basis `codes` (always primal feasible once built) and two
+    numbers that stay valid while d moves, with `cum` an upper bound on the sup-norm distance travelled by d
+    since a fixed origin:
+      wb: the value of its coupling at some earlier d, minus cum then. As W1 and any fixed coupling's value
+          are 1-Lipschitz in the sup norm of the costs, wb + cum bounds both from above now.
+      ex: the basis was proved optimal with smallest off-tree reduced cost `slack`; a cost change of at most
+          delta moves a reduced cost by at most 2 min(k, k') delta (the cell plus its tree path), so the basis
+          stays optimal while cum < ex = cum_then + slack / (2 min(k, k')).
+    Per pair, actions are visited from the largest bound down (the previous choice first) and the visit stops
+    once no bound exceeds the best value found, so the maximum is exact while dominated actions cost O(1).
+
+    exact=True: each visited problem is solved to optimality (a basis still known optimal only needs its
+    value: a dot product over its k + k' - 1 cells); F is the exact operator F(d).
+    exact=False: visited problems are evaluated with their current couplings, no pivoting; F is T_pi(d) for
+    the stored couplings pi (an upper bound on F(d)) and `act` its greedy action: the improvement step of
+    policy iteration for the maximising player.
+
+    A state-action missing in either model contributes `unknown_value`. act[s, s'] is the maximising action
+    (-1 when the unknown term wins), tgt/flw its coupling as (target pair index, mass) lists.
+    stats[s] accumulates (problems optimised, pivots, pivot-limit failures, values by dot product).
+    """
+    for s in prange(n1.shape[0]):
+        _sweep_row(
+            s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+            codes, wb, ex, F, act, tgt, flw, stats,
+        )  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def sweep_serial(
+    d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    codes, wb, ex, F, act, tgt, flw, stats,
+):  # fmt: skip
+    """`sweep` on the calling thread only: for small problems, where waking the thread pool costs more."""
+    for s in range(n1.shape[0]):
+        _sweep_row(
+            s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+            codes, wb, ex, F, act, tgt, flw, stats,
+        )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
