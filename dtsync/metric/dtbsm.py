@@ -83,6 +83,10 @@ class _Workspace:
         self.wb = np.zeros((0, 0, 0))
         self.ex = np.zeros((0, 0, 0))
         self.act = np.zeros((0, 0), np.int64)
+        self.G = np.zeros((0, 0))
+        self.exa = np.zeros((0, 0))
+        self.tgt = np.zeros((0, 0, 1), np.int64)
+        self.flw = np.zeros((0, 0, 1))
         self.cum = 0.0
         self.seen: np.ndarray | None = None
         self.m1: SparseMDP | None = None
@@ -102,6 +106,10 @@ class _Workspace:
             self.wb = np.full((S1, S2, A), np.inf)
             self.ex = np.full((S1, S2, A), -np.inf)
             self.act = np.full((S1, S2), -1, np.int64)
+            self.G = np.full((S1, S2), np.inf)
+            self.exa = np.full((S1, S2), -np.inf)
+            self.tgt = np.full((S1, S2, codes.shape[3]), -1, np.int64)
+            self.flw = np.zeros((S1, S2, codes.shape[3]))
             self.cum = 0.0
             self.seen = None
             self.key = key
@@ -109,6 +117,9 @@ class _Workspace:
             assert self.m1 is not None and self.m2 is not None
             c1 = _changed_rows(self.m1, m1)
             c2 = _changed_rows(self.m2, m2)
+            # G (the competitors' bound per pair) also reads the rewards.
+            self.G[(c1 | (self.m1.R != m1.R)).any(axis=1), :] = np.inf
+            self.G[:, (c2 | (self.m2.R != m2.R)).any(axis=1)] = np.inf
             if c1.any():
                 s, a = np.nonzero(c1)
                 self.wb[s, :, a] = np.inf
@@ -159,12 +170,10 @@ def fixed_point(
         return FixedPoint(np.zeros((S1, S2)), 0, 0.0, 0, 0)
     ws = workspace or _Workspace()
     ws.prepare(m1, m2)
-    nb = ws.codes.shape[3]
     d = _reward_gap(m1, m2, unknown_value) if start is None else np.array(start, dtype=np.float64, copy=True)
     F = np.empty((S1, S2))
     act = ws.act
-    tgt = np.empty((S1, S2, nb), np.int64)
-    flw = np.empty((S1, S2, nb))
+    tgt, flw = ws.tgt, ws.flw
     stats = np.zeros((S1, 4), np.int64)
     stop = tol * (1.0 - gamma) / gamma
     rows = np.arange(S1)[:, None]
@@ -178,7 +187,7 @@ def fixed_point(
         ws.observe(x)
         kernel(
             x, ws.cum, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
-            gamma, unknown_value, ws.codes, ws.wb, ws.ex, F, act, tgt, flw, stats,
+            gamma, unknown_value, ws.codes, ws.wb, ws.ex, ws.G, ws.exa, F, act, tgt, flw, stats,
         )  # fmt: skip
         return float(np.max(np.abs(F - x)))
 

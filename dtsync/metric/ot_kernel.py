@@ -233,6 +233,36 @@ def _basis_fits(codes, n, k, kk) -> bool:
 
 
 @njit(cache=True, nogil=True)
+def _coupling_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, rs, rd, flow, d) -> float:
+    """Value <pi, d> of problem (s, s2, a)'s stored basis, its flows into `flow`, in one pass; NaN if the basis
+    does not fit the problem or is not primal feasible. Indexes the big arrays directly: no array views, so
+    no reference counting in the hot loop."""
+    n = k + kk - 1
+    if codes.shape[3] > n and codes[s, s2, a, n] >= 0:
+        return np.nan
+    for i in range(k):
+        rs[i] = p1[s, a, i]
+    for j in range(kk):
+        rd[j] = p2[s2, a, j]
+    value = 0.0
+    for pos in range(n):
+        code = codes[s, s2, a, pos]
+        c = code >> 1
+        i = c // STRIDE
+        j = c % STRIDE
+        if code < 0 or i >= k or j >= kk:
+            return np.nan
+        f = rs[i] if (code & 1) else rd[j]
+        if f < -_FLOW_EPS:
+            return np.nan
+        flow[pos] = f
+        rs[i] -= f
+        rd[j] -= f
+        value += f * d[idx1[s, a, i], idx2[s2, a, j]]
+    return value
+
+
+@njit(cache=True, nogil=True)
 def _optimize(k, kk, p, q, C, codes, w):
     """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in w[2]).
 
@@ -361,9 +391,22 @@ def _workspace(K):
 
 
 @njit(cache=True, nogil=True)
+def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, cum, margin, U) -> bool:
+    """Upper bounds U[a] on every action's term for pair (s, s2) (-inf if unknown); True if any is unknown."""
+    missing = False
+    for a in range(n1.shape[1]):
+        if n1[s, a] == 0 or n2[s2, a] == 0:
+            missing = True
+            U[a] = -np.inf
+        else:
+            U[a] = abs(R1[s, a] - R2[s2, a]) + gamma * (wb[s, s2, a] + cum) + margin
+    return missing
+
+
+@njit(cache=True, nogil=True)
 def _sweep_row(
     s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """Row s of `sweep`."""
     S1, A = n1.shape
@@ -381,20 +424,29 @@ def _sweep_row(
     pivots = 0
     failures = 0
     dots = 0
+    flat = d.reshape(S1 * S2)
     for s2 in range(S2):
-        missing = False
-        for a in range(A):
-            if n1[s, a] == 0 or n2[s2, a] == 0:
-                missing = True
-                U[a] = -np.inf
-            else:
-                U[a] = abs(R1[s, a] - R2[s2, a]) + gamma * (wb[s, s2, a] + cum) + margin
+        a = act[s, s2]
+        if 0 <= a < A and G[s, s2] < np.inf and (not exact or cum < exa[s, s2]):
+            # Fast path, sequential memory only: the previous choice's coupling (tgt/flw hold its basis, still
+            # optimal when exact) and, if its value beats the bound on every competitor, nothing else.
+            value = 0.0
+            for pos in range(nb):
+                t = tgt[s, s2, pos]
+                if t < 0:
+                    break
+                value += flw[s, s2, pos] * flat[t]
+            total = abs(R1[s, a] - R2[s2, a]) + gamma * value
+            if total >= G[s, s2] + gamma * cum + margin:
+                F[s, s2] = total
+                dots += 1
+                continue
+        missing = _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, cum, margin, U)
         best = -1.0
         best_a = -1
         best_n = 0
-        a = act[s, s2]  # the previous choice first: it usually stays the maximum and prunes the rest
-        if a >= A or (a >= 0 and U[a] == -np.inf):
-            a = -1
+        if a >= A or (a >= 0 and U[a] == -np.inf):  # else the previous choice first: it usually stays the
+            a = -1  # maximum and prunes the rest
         while True:
             if a < 0:
                 top = best
@@ -408,18 +460,19 @@ def _sweep_row(
             k = n1[s, a]
             kk = n2[s2, a]
             n = k + kk - 1
-            cb = codes[s, s2, a]
-            pa = p1[s, a, :k]
-            qa = p2[s2, a, :kk]
-            ix = idx1[s, a]
-            iy = idx2[s2, a]
-            fits = _basis_fits(cb, n, k, kk) and _flows(cb, n, pa, qa, w[5], w[6], flow)
+            value = _coupling_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, w[5], w[6], flow, d)
+            fits = not np.isnan(value)
             if not fits and not exact:
                 # A placeholder coupling (cost-blind, cheap); ex = -inf marks it for a greedy rebuild.
-                _corner_basis(k, kk, pa, qa, cb, w[5], w[6])
-                _flows(cb, n, pa, qa, w[5], w[6], flow)
+                _corner_basis(k, kk, p1[s, a, :k], p2[s2, a, :kk], codes[s, s2, a], w[5], w[6])
+                value = _coupling_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, w[5], w[6], flow, d)
                 ex[s, s2, a] = -np.inf
             if exact and (not fits or not cum < ex[s, s2, a]):
+                cb = codes[s, s2, a]
+                pa = p1[s, a, :k]
+                qa = p2[s2, a, :kk]
+                ix = idx1[s, a]
+                iy = idx2[s2, a]
                 for i in range(k):
                     row = d[ix[i]]
                     for j in range(kk):
@@ -436,10 +489,6 @@ def _sweep_row(
                 else:
                     ex[s, s2, a] = -np.inf
             else:
-                value = 0.0
-                for pos in range(n):
-                    c = cb[pos] >> 1
-                    value += flow[pos] * d[ix[c // STRIDE], iy[c % STRIDE]]
                 dots += 1
             wb[s, s2, a] = value - cum
             total = abs(R1[s, a] - R2[s2, a]) + gamma * value
@@ -448,8 +497,8 @@ def _sweep_row(
                 best_a = a
                 best_n = n
                 for pos in range(n):
-                    c = cb[pos] >> 1
-                    best_t[pos] = ix[c // STRIDE] * S2 + iy[c % STRIDE]
+                    c = codes[s, s2, a, pos] >> 1
+                    best_t[pos] = idx1[s, a, c // STRIDE] * S2 + idx2[s2, a, c % STRIDE]
                     best_f[pos] = flow[pos]
             a = -1
         if missing and unknown_value > best:
@@ -460,6 +509,14 @@ def _sweep_row(
             best = unknown_value
         F[s, s2] = best
         act[s, s2] = best_a
+        # The competitors' bound, anchored like wb (add gamma * cum to read it): every known action but the
+        # chosen one, and the unknown term (a constant, anchored at the current cum).
+        g = unknown_value - gamma * cum if missing else -np.inf
+        for b in range(A):
+            if b != best_a and n1[s, b] > 0 and n2[s2, b] > 0:
+                g = max(g, abs(R1[s, b] - R2[s2, b]) + gamma * wb[s, s2, b])
+        G[s, s2] = g
+        exa[s, s2] = ex[s, s2, best_a] if best_a >= 0 else -np.inf
         for pos in range(nb):
             if pos < best_n:
                 tgt[s, s2, pos] = best_t[pos]
@@ -476,7 +533,7 @@ def _sweep_row(
 @njit(cache=True, nogil=True, parallel=True)
 def sweep(
     d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """One application of the operator, F = max_a |dR| + gamma * W_a, in parallel over s, pruned by bounds.
 
@@ -504,20 +561,20 @@ def sweep(
     for s in prange(n1.shape[0]):
         _sweep_row(
             s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-            codes, wb, ex, F, act, tgt, flw, stats,
+            codes, wb, ex, G, exa, F, act, tgt, flw, stats,
         )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
 def sweep_serial(
     d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """`sweep` on the calling thread only: for small problems, where waking the thread pool costs more."""
     for s in range(n1.shape[0]):
         _sweep_row(
             s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-            codes, wb, ex, F, act, tgt, flw, stats,
+            codes, wb, ex, G, exa, F, act, tgt, flw, stats,
         )  # fmt: skip
 
 
