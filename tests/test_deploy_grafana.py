@@ -119,7 +119,7 @@ def selectors(expr: str) -> tuple[dict[str, set[str]], set[str]]:
     while pos < len(expr):
         m = _TOKEN.match(expr, pos)
         if m is None:
-            raise ValueError(f"cannot tokenize {expr[pos:pos + 20]!r} in {expr!r}")
+            raise ValueError(f"cannot tokenize {expr[pos : pos + 20]!r} in {expr!r}")
         pos = m.end()
         if m.lastgroup != "ws":
             tokens.append((m.lastgroup or "", m.group()))
@@ -220,8 +220,8 @@ def test_template_variables_chain_instance_cell_twin() -> None:
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     queries = {n: v["query"]["query"] for n, v in variables.items() if v["type"] == "query"}
     assert queries["instance"].endswith(", instance)")
-    assert '$instance' in queries["cell"] and queries["cell"].endswith(", cell)")
-    assert '$instance' in queries["twin"] and '$cell' in queries["twin"] and queries["twin"].endswith(", twin)")
+    assert "$instance" in queries["cell"] and queries["cell"].endswith(", cell)")
+    assert "$instance" in queries["twin"] and "$cell" in queries["twin"] and queries["twin"].endswith(", twin)")
     for name in ("instance", "cell", "twin"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
 
