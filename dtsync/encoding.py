@@ -114,3 +114,41 @@ class CellEncoding:
         encode = self.state_encoder.encode
         s_label, sn_label = encode(tr.s), encode(tr.s_next)
         return self.states.index(s_label), self.actions.index(tr.a), self.states.index(sn_label)
+
+    def encode_many(
+        self, transitions: Sequence[Transition]
+    ) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, str]]]:
+        """Encode a batch: (s, a, s_next, positions kept, [(position, reason)] rejected).
+
+        Known discrete labels take a dictionary look-up each; anything else (a vector, a new label, a full
+        indexer) goes through :meth:`encode`, so the result is the same as encoding one by one.
+        """
+        state_ids, action_ids = self.states._ids, self.actions._ids
+        if self.state_encoder.bins is None:  # labels only: a look-up each, in C-level loops
+            ss_, aa_, nn_ = (
+                [ids.get(getattr(tr, key)) for tr in transitions]
+                for ids, key in ((state_ids, "s"), (action_ids, "a"), (state_ids, "s_next"))
+            )
+            if None not in ss_ and None not in aa_ and None not in nn_:
+                return ss_, aa_, nn_, list(range(len(transitions))), []  # type: ignore[return-value]
+        ss: list[int] = []
+        aa: list[int] = []
+        nn: list[int] = []
+        kept: list[int] = []
+        rejected: list[tuple[int, str]] = []
+        for i, tr in enumerate(transitions):
+            s, a, sn = state_ids.get(tr.s), action_ids.get(tr.a), state_ids.get(tr.s_next)
+            if s is None or a is None or sn is None or type(tr.s) is tuple or type(tr.s_next) is tuple:
+                try:
+                    s, a, sn = self.encode(tr)
+                except EncodingError as e:
+                    rejected.append((i, e.reason))
+                    continue
+                except CapacityError:
+                    rejected.append((i, "too_many_labels"))
+                    continue
+            ss.append(s)
+            aa.append(a)
+            nn.append(sn)
+            kept.append(i)
+        return ss, aa, nn, kept, rejected

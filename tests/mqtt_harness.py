@@ -200,7 +200,7 @@ def daemon_config(port: int, workdir: Path, **overrides: Any) -> dict[str, Any]:
     """A config for one cell with twins `faithful` and `drifting`, pointed at the test broker."""
     config: dict[str, Any] = {
         "window": {"count": 5000},
-        "schedule": {"every_transitions": 500},
+        "schedule": {"every_transitions": 500, "every_seconds": 2.0},
         "trigger": {"threshold": 0.5, "rearm_below": 0.3, "cooldown_seconds": 60, "min_samples": 2000,
                     "act_on": "excess"},  # fmt: skip
         "cells": {"cell-1": {"twins": {"faithful": {}, "drifting": {}}}},

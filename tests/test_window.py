@@ -179,3 +179,36 @@ def test_from_transitions() -> None:
         EmpiricalMDP.from_transitions([(0, 0, 1.0, 3)], 3, 1)
     with pytest.raises(ValueError):
         EmpiricalMDP.from_transitions([(-1, 0, 1.0, 0)], 3, 1)
+
+
+def test_extend_equals_adding_one_by_one() -> None:
+    """A batch leaves the same window and counts as its transitions added singly (stragglers included)."""
+    rng = random.Random(3)
+    S, A = 5, 3
+    single, batched = SlidingWindow(max_count=300, max_seconds=7.0), SlidingWindow(max_count=300, max_seconds=7.0)
+    t = 0.0
+    for _ in range(40):
+        rows = []
+        for _ in range(rng.randrange(1, 200)):
+            t += rng.expovariate(30.0)
+            late = rng.random() < 0.05  # an out-of-order sample
+            rows.append((rng.randrange(S), rng.randrange(A), rng.uniform(-1, 1), rng.randrange(S), t - 9 * late))
+        for row in rows:
+            single.add(*row)
+        batched.extend(*(list(col) for col in zip(*rows, strict=True)))
+        assert list(single) == list(batched)
+    a, b = single.to_mdp(S, A), batched.to_mdp(S, A)
+    np.testing.assert_array_equal(a.N, b.N)
+    np.testing.assert_allclose(a.R, b.R, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(a.P, b.P)
+    assert_matches(b, rows_of(batched), S, A)
+
+
+def test_state_space_grows_while_running() -> None:
+    w = SlidingWindow(max_count=100)
+    w.add(0, 0, 1.0, 1, 0.0)
+    w.add(700, 5, 2.0, 3, 1.0)  # far beyond the first dense block
+    mdp = w.to_mdp(701, 6)
+    assert mdp.N[700, 5] == 1 and mdp.P[700, 5, 3] == 1.0 and mdp.P[0, 0, 1] == 1.0
+    with pytest.raises(ValueError):
+        w.extend([-1], [0], [0.0], [0], [2.0])

@@ -242,18 +242,16 @@ class Daemon:
         for rej in rejections:
             self._reject(rej.reason, topic=topic, detail=rej.detail, item=rej.index)
         wall = time.time()
-        accepted = 0
-        t = wall
-        for tr in transitions:
-            reason = monitor.add(stream, tr, wall)
-            if reason is not None:
-                self._reject(reason, topic=topic)
-                continue
-            accepted += 1
-            t = wall if tr.t is None else tr.t
-            for twin in monitor.due(t):
+        refused: list[tuple[int, str]] = []
+        for t, due in monitor.ingest(stream, transitions, wall, refused):
+            for twin in due:
                 self._evaluate(monitor, twin, t)
+        for _, reason in refused:
+            self._reject(reason, topic=topic)
+        accepted = len(transitions) - len(refused)
         if accepted:
+            last = transitions[-1].t
+            t = wall if last is None else last
             self.metrics.transitions.labels(cell, stream).inc(accepted)
             self.metrics.last_transition.labels(cell, stream).set(wall)
             self._last_seen[(cell, stream)] = time.monotonic()
