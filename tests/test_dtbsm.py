@@ -112,6 +112,29 @@ def test_warm_start_after_growth_of_the_state_space_equals_cold() -> None:
     assert np.abs(warm.d - cold.d).max() <= 2e-8
 
 
+def test_warm_start_after_reward_only_or_missing_data_changes_equals_cold() -> None:
+    """The per-pair bounds a warm start reuses read the rewards and the supports: changing only rewards, or
+    opening and closing holes in the data, must still give the cold result (lower, point and upper)."""
+    rng = np.random.default_rng(12)
+    R1, P1 = random_mdp(rng, 10, 3)
+    R2, P2 = random_mdp(rng, 10, 3)
+    solver = DTBSMSolver()
+    solver.solve(R1, P1, R2, P2, 0.9)
+    steps = []
+    R2b = R2.copy()
+    R2b[3:6] = 1.0 - R2b[3:6]  # rewards move, no transition does
+    steps.append((R1, P1, R2b, P2))
+    P1h = P1.copy()
+    P1h[2, 0] = 0.0  # a hole opens
+    steps.append((R1, P1h, R2b, P2))
+    steps.append((R1, P1, R2, P2))  # and closes again
+    for args in steps:
+        warm = solver.solve(*args, 0.9, reward_range=(0.0, 1.5))
+        cold = dtbsm(*args, 0.9, reward_range=(0.0, 1.5))
+        for name in ("d", "d_lower", "d_upper"):
+            assert np.abs(getattr(warm, name) - getattr(cold, name)).max() <= 2e-8, name
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -174,9 +197,14 @@ def test_event_loop_keeps_running_while_a_kernel_runs_in_a_worker_thread() -> No
             await asyncio.sleep(0.001)
         return ticks, await job
 
-    ticks, (start, end) = asyncio.run(scenario())
-    inside = [start] + [t for t in ticks if start < t < end] + [end]
-    longest_stall = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+    # A GIL-holding kernel fails every attempt; a busy machine can spoil one (calibration or a descheduled
+    # main thread), so up to three attempts.
+    for _attempt in range(3):
+        ticks, (start, end) = asyncio.run(scenario())
+        inside = [start] + [t for t in ticks if start < t < end] + [end]
+        longest_stall = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+        if end - start > 0.2 and len(inside) > 20 and longest_stall < 0.5 * (end - start):
+            break
     assert end - start > 0.2
     assert len(inside) > 20
     assert longest_stall < 0.5 * (end - start)
