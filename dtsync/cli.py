@@ -324,6 +324,12 @@ def watch(
         pass
 
 
+from dtsync.testbed.cli import study_app, testbed_app  # noqa: E402  (sub-command groups)
+
+app.add_typer(testbed_app, name="testbed")
+app.add_typer(study_app, name="study")
+
+
 def main() -> None:
     app()
 

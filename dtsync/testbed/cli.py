@@ -1,0 +1,168 @@
+"""``dtsync testbed ...`` (record traces, show parameters) and ``dtsync study ...`` (the pre-filtering study)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from dtsync.config import ConfigError
+from dtsync.contract import encode_transition
+from dtsync.testbed.params import TestbedParams, load_params
+from dtsync.testbed.presets import PRESETS, preset
+from dtsync.testbed.simulate import Switch, transitions
+from dtsync.testbed.study import RANDOM_DRAWS, StudyResult
+
+testbed_app = typer.Typer(
+    help="Reference testbed: one gNB sharing uplink RBs among a camera, a gaming laptop and a phone.",
+    no_args_is_help=True,
+)
+study_app = typer.Typer(help="Studies on the reference testbed.", no_args_is_help=True)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"dtsync: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _params(name_or_file: str) -> TestbedParams:
+    """A preset name, or else a YAML file of parameters."""
+    if name_or_file in PRESETS:
+        return preset(name_or_file)
+    if not Path(name_or_file).is_file():
+        _fail(f"{name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        return load_params(name_or_file)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@testbed_app.command()
+def record(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write (telemetry contract, one line each).")],
+    preset_name: Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML parameters instead of a preset.")] = None,
+    steps: Annotated[int, typer.Option(min=0, help="Transitions to write.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    switch_at: Annotated[int | None, typer.Option(min=0, help="Step from which --switch-to applies.")] = None,
+    switch_to: Annotated[str | None, typer.Option(help="Preset name or YAML file used from --switch-at on.")] = None,
+    step_seconds: Annotated[float, typer.Option(min=0.0, help="Trace time between transitions.")] = 0.01,
+    start_time: Annotated[float, typer.Option(help="Trace time of the first transition.")] = 0.0,
+) -> None:
+    """Run the testbed under the uniform random scheduler and write its transitions as JSON Lines."""
+    if (preset_name is None) == (config is None):
+        _fail("give exactly one of --preset NAME and --config FILE")
+    if (switch_at is None) != (switch_to is None):
+        _fail("--switch-at and --switch-to go together")
+    params = _params(preset_name) if preset_name is not None else _params(str(config))
+    switch = None
+    if switch_at is not None and switch_to is not None:
+        switch = Switch(switch_at, _params(switch_to))
+        if switch.params.label_space() != params.label_space():
+            _fail(f"{switch_to!r} has other UEs, levels or schemes than the recorded parameters")
+    with out.open("wb") as fh:
+        for tr in transitions(
+            params, steps=steps, seed=seed, start_time=start_time, step_seconds=step_seconds, switch=switch
+        ):
+            fh.write(encode_transition(tr) + b"\n")
+    what = preset_name if preset_name is not None else str(config)
+    extra = f", switching to {switch_to} at step {switch_at}" if switch else ""
+    typer.echo(f"wrote {steps} transitions of {what} (seed {seed}{extra}) to {out}")
+
+
+@testbed_app.command()
+def show(name: Annotated[str | None, typer.Argument(help="Preset to print as YAML; none: list them.")] = None) -> None:
+    """Print a preset's parameters as YAML (a template for --config), or list the presets."""
+    if name is None:
+        typer.echo("\n".join(PRESETS))
+        return
+    if name not in PRESETS:
+        _fail(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    typer.echo(preset(name).to_yaml(), nl=False)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _cut(x: float) -> str:
+    """A cost reduction as a signed percentage ("-95%"); round-off around 0 prints as "0%"."""
+    return f"-{100 * x:.0f}%" if round(100 * x) != 0 else "0%"
+
+
+def _report(result: StudyResult, workers: int) -> list[str]:
+    """The printed summary: (a) correlation and regret bound, (b) the Fig. 5b selection table."""
+    twins = result.twins
+    n = len(twins)
+    deployed = [t.deployed_return for t in twins]
+    mismatch = [t.mismatch for t in twins]
+    held = sum(t.bound_held for t in twins)
+    held_exact = sum(t.bound_held_exact for t in twins)
+    tight = max(twins, key=lambda t: t.regret / t.bound if t.bound > 0 else math.inf)
+    lines = [
+        f"pool: {n} twins, {result.samples} samples per model, gamma {result.gamma}; "
+        f"{result.seconds:.1f} s on {workers} process(es)",
+        f"deployed return (mean over states of V^pi in the real testbed): best {max(deployed):.4f}, "
+        f"worst {min(deployed):.4f}; optimal {result.optimal_return:.4f}",
+        f"DT-BSM noise floor (two samples of the real testbed): {result.noise_floor:.3f}; "
+        f"twins' mismatch {min(mismatch):.3f} .. {max(mismatch):.3f}",
+        f"(a) mismatch vs deployed return: Pearson {result.pearson:.3f}, Spearman {result.spearman:.3f}",
+        f"    regret bound held for {held}/{n} twins with the empirical DT-BSM, {held_exact}/{n} with the exact one",
+        f"    (tightest: {tight.spec.name}, regret {tight.regret:.3f}, bound {tight.bound:.3f})",
+        "(b) selection before training (Fig. 5b); testing cost = sum over tested policies of their gap to the "
+        "best deployed return of the pool",
+    ]
+    rows = [
+        ("ratio", "rule", "twins", "best deployed", "optimal kept", "testing cost", "training cost", "testing cost"),
+        ("", "", "", "", "", "", "reduction", "reduction"),
+    ]
+    for r in result.table:
+        kept = _pct(r.optimal_kept) if r.rule == "random" else ("yes" if r.optimal_kept else "no")
+        rows.append((
+            _pct(r.ratio), r.rule, str(r.selected), f"{r.best_deployed:.4f}", kept, f"{r.testing_cost:.3f}",
+            _cut(r.training_reduction), _cut(r.testing_reduction),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append(f"random: mean over {RANDOM_DRAWS} draws (optimal kept: share of draws)")
+    return lines
+
+
+@study_app.command()
+def prefilter(
+    pool: Annotated[int, typer.Option(min=1, help="Candidate twins in the pool.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the pool and of all sampling.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Directory for prefilter.json (and prefilter.png).")] = None,
+    gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Discount factor.")] = 0.9,
+    samples: Annotated[int, typer.Option(min=1, help="Transitions sampled from the real testbed and each twin.")] = (
+        400_000
+    ),
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: all cores).")] = None,
+) -> None:
+    """Rank candidate twins by DT-BSM before training and compare with reward-based and random selection."""
+    from tqdm import tqdm
+
+    from dtsync.testbed.study import plot_study, run_study
+
+    if not 0.0 < gamma < 1.0:
+        _fail("--gamma must lie in (0, 1)")
+    workers = workers or os.cpu_count() or 1
+    with tqdm(total=pool, unit="twin", disable=not sys.stderr.isatty(), leave=False) as bar:
+        result = run_study(pool, seed, gamma=gamma, samples=samples, workers=workers, progress=bar.update)
+    for line in _report(result, workers):
+        typer.echo(line)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "prefilter.json"
+        path.write_text(json.dumps(result.record(), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {path}")
+        png = out / "prefilter.png"
+        if plot_study(result, png):
+            typer.echo(f"wrote {png}")
+        else:
+            typer.echo("note: matplotlib is not installed, no plot (pip install 'dtsync[plot]')")
