@@ -165,6 +165,7 @@ class TwinMonitor:
     new_transitions: int = 0
     last_eval_t: float | None = None
     evaluations: int = 0
+    busy: bool = False  # a computation is in flight (daemon): not due again until it lands
 
     @classmethod
     def create(cls, settings: TwinSettings) -> TwinMonitor:
@@ -273,7 +274,8 @@ class CellMonitor:
         i, n = 0, len(kept)
         while i < n:
             # Transitions up to the first one that could make a twin due, by count or by time.
-            j = min(n, i + max(1, math.ceil(self._quiet_adds - self._added)))
+            room = self._quiet_adds - self._added  # inf: no count schedule, or every twin is busy
+            j = n if room >= n - i else i + max(1, math.ceil(room))
             j = next((k + 1 for k in range(i, j) if t[k] >= self._quiet_until), j)
             window.extend(s[i:j], a[i:j], r[i:j], sn[i:j], t[i:j])
             self._added += j - i
@@ -297,6 +299,8 @@ class CellMonitor:
         names = []
         quiet_adds, quiet_until = math.inf, math.inf
         for name, tm in self.twins.items():
+            if tm.busy:
+                continue
             if sched.every_transitions is not None:
                 quiet_adds = min(quiet_adds, sched.every_transitions - tm.new_transitions)
             if sched.every_seconds is not None:
@@ -312,6 +316,16 @@ class CellMonitor:
                 names.append(name)
         self._added, self._quiet_adds, self._quiet_until = 0, quiet_adds, quiet_until
         return names
+
+    def hold(self, twin: str) -> None:
+        """Mark `twin`'s computation as in flight: `due` leaves it out (and out of its quiet bounds)."""
+        self.twins[twin].busy = True
+
+    def release(self, twin: str) -> None:
+        """Its computation landed: `due` considers it again from the next call."""
+        if twin in self.twins:
+            self.twins[twin].busy = False
+        self._quiet_adds, self._quiet_until = 0.0, -math.inf
 
     def snapshot(self, twin: str, now: float) -> Snapshot:
         """Freeze both windows of `twin` at time `now` (time windows evict up to `now` first)."""

@@ -55,3 +55,20 @@ def test_ingest_of_batches_matches_add_then_due_one_by_one() -> None:
     for twin in ("a", "b"):
         x, y = single.snapshot(twin, 99.0), batched.snapshot(twin, 99.0)
         assert (x.real.N == y.real.N).all() and (x.twin.P == y.twin.P).all()
+
+
+def test_ingest_with_a_time_only_schedule_and_a_busy_twin() -> None:
+    """No count criterion (and a twin whose computation is in flight) leaves no count bound: still exact."""
+    config = parse_config({"window": {"count": 100}, "schedule": {"every_seconds": 0.5},
+                           "cells": {"c": {"twins": {"a": {}, "b": {}}}}})  # fmt: skip
+    monitor = CellMonitor("c", config)
+    monitor.hold("b")
+    batch = [Transition(i % 3, 0, 1.0, (i + 1) % 3, t=i * 0.01) for i in range(300)]
+    due = []
+    for t, names in monitor.ingest(REAL, batch, 0.0, []):
+        due.append((round(t, 2), names))
+        for name in names:
+            monitor.snapshot(name, t)
+    assert due == [(t, ["a"]) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)]
+    monitor.release("b")
+    assert monitor.due(2.8) == ["b"]

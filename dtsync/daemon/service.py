@@ -67,8 +67,6 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier()
         self.rejects = ReasonLimiter("telemetry rejected", interval=60.0)
         self._pool = ComputePool(config.daemon.workers)
-        self._in_flight: set[tuple[str, str]] = set()
-        self._deferred: set[tuple[str, str]] = set()
         self._status: dict[tuple[str, str], dict[str, Any]] = {}
         self._last_event: dict[tuple[str, str], str] = {}
         self._last_seen: dict[tuple[str, str], float] = {}  # (cell, stream) -> monotonic time
@@ -209,7 +207,12 @@ class Daemon:
 
     async def _handle_all(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self.handle(message.topic.value, message.payload)  # type: ignore[arg-type]
+            try:
+                self.handle(message.topic.value, message.payload)  # type: ignore[arg-type]
+            except Exception:  # a bug must not stop the service: count it, log it (rate-limited), go on
+                self.metrics.rejected.labels("internal_error").inc()
+                if self.rejects.log(log, "internal_error", topic=message.topic.value):
+                    log.exception("message handling failed")
 
     async def _goodbye(self, client: aiomqtt.Client, liveness: str) -> None:
         """Clean stop: give pending events a short chance, then say offline (the will is not sent)."""
@@ -274,13 +277,8 @@ class Daemon:
 
     def _evaluate(self, monitor: CellMonitor, twin: str, t: float) -> None:
         key = (monitor.cell, twin)
-        if key in self._in_flight:
-            if key not in self._deferred:
-                self._deferred.add(key)
-                self.metrics.evaluations_deferred.labels(*key).inc()
-            return
         snap = monitor.snapshot(twin, t)
-        self._in_flight.add(key)
+        monitor.hold(twin)  # never two computations of one twin at once
         future = self._pool.submit(key, monitor.twins[twin].settings, snap)
         loop = asyncio.get_running_loop()
 
@@ -292,8 +290,11 @@ class Daemon:
 
     def _computed(self, monitor: CellMonitor, twin: str, snap: Snapshot, future: Future[Figures]) -> None:
         key = (monitor.cell, twin)
-        self._in_flight.discard(key)
-        self._deferred.discard(key)
+        monitor.release(twin)
+        every = monitor.config.schedule.every_transitions
+        tm = monitor.twins.get(twin)
+        if tm is not None and every is not None and tm.new_transitions >= every:
+            self.metrics.evaluations_deferred.labels(*key).inc()  # it became due while this one computed
         if future.cancelled() or self.monitors.get(monitor.cell) is not monitor or twin not in monitor.twins:
             return  # stopping, or the cell/twin was removed by a reload meanwhile
         error = future.exception()
