@@ -164,8 +164,12 @@ def test_selector_tokenizer_on_known_expressions() -> None:
         'twin!="x"}[15m]))) > on (job) group_left () (dtsync_schedule_seconds > 0) unless '
         '{__name__="up", job="dtsync"} offset 5m and ignoring(reason) rate(foo_total[1m:10s])'
     )
-    assert metrics == {"dtsync_metric_compute_seconds_bucket": {"cell", "twin"}, "dtsync_schedule_seconds": set(),
-                       "up": {"job"}, "foo_total": set()}  # fmt: skip
+    assert metrics == {
+        "dtsync_metric_compute_seconds_bucket": {"cell", "twin"},
+        "dtsync_schedule_seconds": set(),
+        "up": {"job"},
+        "foo_total": set(),
+    }
     assert grouping == {"job", "le", "reason"}
     assert selectors('dtsync_twin_state{dtsync_twin_state="drifted"} == 1')[0] == {
         "dtsync_twin_state": {"dtsync_twin_state"}
@@ -201,15 +205,28 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     for _, expr in dashboard_expressions(board):
         for metric, labels in selectors(substitute(expr, {"instance": "i", "cell": "c", "twin": "t"}))[0].items():
             used.setdefault(metric, set()).update(labels)
-    wanted = {"dtsync_mismatch", "dtsync_mismatch_lower", "dtsync_mismatch_upper", "dtsync_noise_floor",
-              "dtsync_threshold", "dtsync_tv_bound", "dtsync_regret_bound", "dtsync_regret_estimate",
-              "dtsync_window_samples", "dtsync_coverage", "dtsync_resync_events_total",
-              "dtsync_transitions_received_total", "dtsync_rejected_total", "dtsync_metric_compute_seconds_bucket",
-              "dtsync_mqtt_connected", "dtsync_outbox_pending", "dtsync_twin_state"}  # fmt: skip
+    wanted = {
+        "dtsync_mismatch",
+        "dtsync_mismatch_lower",
+        "dtsync_mismatch_upper",
+        "dtsync_noise_floor",
+        "dtsync_threshold",
+        "dtsync_tv_bound",
+        "dtsync_regret_bound",
+        "dtsync_regret_estimate",
+        "dtsync_window_samples",
+        "dtsync_coverage",
+        "dtsync_resync_events_total",
+        "dtsync_transitions_received_total",
+        "dtsync_rejected_total",
+        "dtsync_metric_compute_seconds_bucket",
+        "dtsync_mqtt_connected",
+        "dtsync_outbox_pending",
+        "dtsync_twin_state",
+    }
     assert wanted <= set(used), wanted - set(used)
     exprs = [e for _, e in dashboard_expressions(board)]
-    assert any(e.startswith("histogram_quantile(0.99, ") and "dtsync_metric_compute_seconds_bucket" in e
-               for e in exprs)  # fmt: skip
+    assert any(e.startswith("histogram_quantile(0.99, ") and "dtsync_metric_compute_seconds_bucket" in e for e in exprs)
     (resync,) = [a for a in board["annotations"]["list"] if "expr" in a]
     assert "dtsync_resync_events_total" in resync["expr"] and "increase(" in resync["expr"]
 

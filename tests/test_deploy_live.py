@@ -132,8 +132,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         client.disconnect()
         streams = {name: samples[name] for name in ("real", "faithful", "drifting")}
         publish_cli(broker.port, "cell-1", streams, "--batch", "20", "--qos", "1")
-        wait_for(lambda: daemon.metric("dtsync_resync_events_total", cell="cell-1", twin="drifting"), 60,
-                 "the resync event of the drifting twin")  # fmt: skip
+        wait_for(
+            lambda: daemon.metric("dtsync_resync_events_total", cell="cell-1", twin="drifting"),
+            60,
+            "the resync event of the drifting twin",
+        )
         yield Stack(broker, daemon, prometheus, target)
     finally:
         if prometheus is not None:

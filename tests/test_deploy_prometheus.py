@@ -60,8 +60,15 @@ def test_rule_unit_tests_pass() -> None:
 
 
 def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:
-    wanted = {"DtsyncTwinDrifted", "DtsyncDown", "DtsyncBrokerDisconnected", "DtsyncOutboxBacklogGrowing",
-              "DtsyncTelemetryStale", "DtsyncComputeSlowerThanSchedule", "DtsyncEvaluationsDeferred"}  # fmt: skip
+    wanted = {
+        "DtsyncTwinDrifted",
+        "DtsyncDown",
+        "DtsyncBrokerDisconnected",
+        "DtsyncOutboxBacklogGrowing",
+        "DtsyncTelemetryStale",
+        "DtsyncComputeSlowerThanSchedule",
+        "DtsyncEvaluationsDeferred",
+    }
     rules = {r["alert"]: r for r in alert_rules()}
     assert set(rules) == wanted
     readme = (DEPLOY / "README.md").read_text()
