@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from tqdm import tqdm
 
 from dtsync.config import ConfigError
 from dtsync.contract import encode_transition
 from dtsync.testbed.params import TestbedParams, load_params
 from dtsync.testbed.presets import PRESETS, preset
 from dtsync.testbed.simulate import Switch, transitions
-from dtsync.testbed.study import RANDOM_DRAWS, StudyResult
+from dtsync.testbed.study import RANDOM_DRAWS, SAMPLES, StudyResult, plot_study, run_study
 
 testbed_app = typer.Typer(
     help="Reference testbed: one gNB sharing uplink RBs among a camera, a gaming laptop and a phone.",
@@ -139,16 +140,12 @@ def prefilter(
     seed: Annotated[int, typer.Option(help="Seed of the pool and of all sampling.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for prefilter.json (and prefilter.png).")] = None,
     gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Discount factor.")] = 0.9,
-    samples: Annotated[int, typer.Option(min=1, help="Transitions sampled from the real testbed and each twin.")] = (
-        400_000
-    ),
+    samples: Annotated[
+        int, typer.Option(min=1, help="Transitions sampled from the real network and each twin.")
+    ] = SAMPLES,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: all cores).")] = None,
 ) -> None:
     """Rank candidate twins by DT-BSM before training and compare with reward-based and random selection."""
-    from tqdm import tqdm
-
-    from dtsync.testbed.study import plot_study, run_study
-
     if not 0.0 < gamma < 1.0:
         _fail("--gamma must lie in (0, 1)")
     workers = workers or os.cpu_count() or 1

@@ -112,7 +112,7 @@ def state_labels(params: TestbedParams) -> list[str]:
 
 
 def exact_mdp(params: TestbedParams) -> TestbedMDP:
-    """The exact (R, P) of the testbed under ``params``: rows of P sum to 1, R in [0, 1]."""
+    """The exact (R, P) of the testbed under ``params`` (rows of P sum to 1), with state and action labels."""
     ues = params.ues
     A, S = len(params.schemes), params.n_states
     radix = tuple(ue.n_local for ue in ues)
@@ -125,27 +125,28 @@ def exact_mdp(params: TestbedParams) -> TestbedMDP:
     evs = events(params)
     p_none = 1.0 - sum(e.prob for e in evs)
     rows = np.arange(S)
+
+    def index(bb: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        return np.ravel_multi_index((bb * C + cc).T, radix)
+
     R = np.zeros((S, A))
     P = np.zeros((S, A, S))
     for a in range(A):
         sent = np.stack([served[i][a, b[:, i], c[:, i]] for i in range(len(ues))], axis=1)
         R[:, a] = sent @ weight / reward_scale(params)
         post = np.where(L > 1, b - sent, 0)
-
-        def add(bb: np.ndarray, cc: np.ndarray, prob: np.ndarray | float, a: int = a) -> None:
-            np.add.at(P[:, a, :], (rows, np.ravel_multi_index((bb * C + cc).T, radix)), prob)
-
-        add(post, c, p_none)
+        Pa = P[:, a, :]  # a view: scattering into it fills P
+        np.add.at(Pa, (rows, index(post, c)), p_none)
         for e in evs:
             bb, cc = post.copy(), c.copy()
             if e.size > 0:
                 bb[:, e.ue] = np.minimum(L[e.ue] - 1, bb[:, e.ue] + e.size)
-                add(bb, cc, e.prob)
+                np.add.at(Pa, (rows, index(bb, cc)), e.prob)
                 continue
             T = np.asarray(ues[e.ue].channel.transition, dtype=float)
             for level in range(C[e.ue]):
                 cc[:, e.ue] = level
-                add(bb, cc, e.prob * T[c[:, e.ue], level])
+                np.add.at(Pa, (rows, index(bb, cc)), e.prob * T[c[:, e.ue], level])
     M = reduce(np.kron, [_grouping(ue) for ue in ues])
     if not np.array_equal(M, np.eye(S)):
         R = M @ R

@@ -11,8 +11,9 @@ two channel levels (0 bad, 1 good) whose rates are in chunks per RB:
   fastest-changing channel (it moves around).
 
 State space 2 * 6 * 6 = 72 states, 6 allocation schemes. Each twin changes one model choice: traffic made
-Poisson, channel memoryless, frozen (stale) or optimistic (mis-estimated: the good level believed twice as
-likely), buffers modelled as empty/non-empty only, or every probability perturbed (``noisy``).
+Poisson (same mean), channel memoryless, frozen (stale) or mis-estimated (every rate believed 1.5 times what it
+is), buffers modelled as empty/non-empty only, or every probability perturbed (``noisy``, sigma 0.3).
+``frozen-channel`` is the one to switch to for a twin whose channel model goes stale midway.
 """
 
 from __future__ import annotations
@@ -83,12 +84,11 @@ PRESETS: dict[str, Callable[[], TestbedParams]] = {
     "coarse-buffers": lambda: coarse_buffers(_real()),
     "noisy": lambda: perturbed(_real(), 0.3, np.random.default_rng(0)),
 }
-"""Name -> builder. ``frozen-channel`` is the stale twin to switch to (``--switch-to frozen-channel``)."""
+"""Name -> builder (parameters are rebuilt and validated on each call)."""
 
 
 def preset(name: str) -> TestbedParams:
     """The named parameter set; KeyError naming the available ones."""
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()

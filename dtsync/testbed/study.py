@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
 from dtsync.metric import dtbsm, dtbsm_tv, regret_bound, value_iteration
@@ -46,6 +47,7 @@ from dtsync.window import EmpiricalMDP
 __all__ = [
     "RANDOM_DRAWS",
     "RATIOS",
+    "SAMPLES",
     "SelectionRow",
     "StudyResult",
     "TwinResult",
@@ -61,6 +63,7 @@ __all__ = [
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 RANDOM_DRAWS = 1000  # the random rule's figures are means over this many draws
+SAMPLES = 400_000  # transitions per model; the empirical DT-BSM's sampling noise shrinks like 1/sqrt(samples)
 TRAFFIC = ("batch", "poisson")
 CHANNEL = ("markov", "iid", "optimistic", "frozen")
 CHANNEL_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
@@ -223,8 +226,6 @@ _CONTEXT: _Context | None = None
 
 def _init_worker(context: _Context) -> None:
     """Worker start-up: one numba thread per process (the processes already fill the cores)."""
-    import numba
-
     global _CONTEXT
     numba.set_num_threads(1)
     _CONTEXT = context
@@ -315,7 +316,7 @@ def run_study(
     seed: int = 0,
     *,
     gamma: float = 0.9,
-    samples: int = 100_000,
+    samples: int = SAMPLES,
     workers: int | None = None,
     real: TestbedParams | None = None,
     progress: Callable[[], None] | None = None,
