@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test replay bench lint clean
+.PHONY: install system-deps test demo replay bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ test: system-deps $(STAMP)
 	$(BIN)/ruff check dtsync tests benchmarks
 	$(BIN)/pytest -q
 
-# The main job for now: replay a generated sample trace (a real network and two twins, one drifting).
+# The main job: a broker (mosquitto if installed, else embedded), the testbed as a real network and two
+# twins, the real daemon, and a live view, for a minute.
+demo: $(STAMP)
+	$(BIN)/dtsync demo
+
+# Offline: replay a generated sample trace (a real network and two twins, one drifting).
 replay: $(STAMP)
 	$(BIN)/dtsync sample --out samples
 	$(BIN)/dtsync replay --real samples/real.jsonl --twin faithful=samples/faithful.jsonl \

@@ -194,6 +194,34 @@ def rank(
     _table(rows)
 
 
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds to run before the summary.")] = 60.0,
+    rate: Annotated[float, typer.Option(help="Transitions per second per stream.")] = 3000.0,
+    embedded_broker: Annotated[bool, typer.Option(help="Use the embedded amqtt broker even if mosquitto is here.")]
+    = False,
+) -> None:
+    """The whole workflow on this machine: a broker, the testbed as a real network and two twins (one faithful,
+    one whose channel model goes stale halfway), the real daemon, and a live view of its decisions."""
+    import asyncio
+
+    from dtsync.demo.run import run_demo
+    from dtsync.demo.view import View, summary
+
+    if duration < 10 or rate < 100:
+        _fail("--duration must be >= 10 s and --rate >= 100 transitions/s (the windows need data)")
+    view = View()
+    try:
+        result = asyncio.run(run_demo(duration, rate, embedded=embedded_broker, on_start=view.start,
+                                      render=view.update))  # fmt: skip
+    finally:
+        view.stop()
+    for line in summary(result):
+        typer.echo(line)
+    if result.daemon_exit != 0:
+        _fail(f"the daemon exited with {result.daemon_exit} (its log is above)")
+
+
 RequiredConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration (see config.yaml).")]
 
 

@@ -1,0 +1,89 @@
+"""What the person running `dtsync demo` sees: a live table on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from dtsync.demo.run import DemoResult
+
+
+def _num(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table(result: DemoResult) -> Table:
+    now = time.time()
+    elapsed = now - result.started
+    phase = "stale twin switched" if now >= result.switch_at else f"switch in {result.switch_at - now:.0f} s"
+    t = Table(title=f"dtsync demo — {elapsed:.0f} s ({phase})", caption=f"metrics: {result.metrics_url}")
+    for col in ("twin", "state", "mismatch", "[lower, upper]", "noise floor", "threshold (on excess)", "samples r/t",
+                "events"):  # fmt: skip
+        t.add_column(col)
+    for name, view in result.twins.items():
+        s = view.status
+        state = s.get("state", "waiting")
+        style = {"drifted": "bold red", "ok": "green"}.get(state, "yellow")
+        t.add_row(
+            name, f"[{style}]{state}[/]", _num(s.get("mismatch")),
+            f"[{_num(s.get('mismatch_lower'))}, {_num(s.get('mismatch_upper'))}]", _num(s.get("noise_floor")),
+            _num(s.get("threshold")), f"{s.get('samples_real', 0)}/{s.get('samples_twin', 0)}", str(len(view.events)),
+        )  # fmt: skip
+    for name, view in result.twins.items():
+        for e in view.events:
+            t.add_row("", f"[bold red]RESYNC[/] {name} at {e['time'] - result.started:.0f} s", _num(e["mismatch"]),
+                      "", _num(e["noise_floor"]), "", "", "")  # fmt: skip
+    return t
+
+
+class View:
+    """Live table when stdout is a terminal; else one plain line per evaluation and per event."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(soft_wrap=True)
+        self.live: Live | None = None
+
+    def start(self, result: DemoResult, line: str) -> None:
+        self.console.print(line, highlight=False)
+        if self.console.is_terminal:
+            self.live = Live(table(result), console=self.console, refresh_per_second=4,
+                             get_renderable=lambda: table(result))  # fmt: skip
+            self.live.start()
+
+    def update(self, result: DemoResult, twin: str, what: str) -> None:
+        if self.live is not None:
+            return  # the live table redraws itself
+        at = time.time() - result.started
+        view = result.twins[twin]
+        if what == "event":
+            e = view.events[-1]
+            text = (f"{at:5.1f} s  RESYNC {twin}: mismatch {e['mismatch']:.3f}, noise floor {e['noise_floor']:.3f}; "
+                    f"{e['reason']} (event {e['event_id']})")  # fmt: skip
+            self.console.print(text, highlight=False)
+        elif view.status.get("mismatch") is not None:
+            s = view.status
+            self.console.print(f"{at:5.1f} s  {twin}: {s['state']}, mismatch {s['mismatch']:.3f}, noise floor "
+                               f"{s['noise_floor']:.3f}, samples {s['samples_real']}/{s['samples_twin']}",
+                               highlight=False)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def summary(result: DemoResult) -> list[str]:
+    """Events fired per twin, when and why."""
+    lines = [f"demo over: broker {result.broker}; the stale twin's channel model changed at "
+             f"{result.switch_at - result.started:.0f} s"]  # fmt: skip
+    for name, view in result.twins.items():
+        last = view.status
+        lines.append(f"  {name}: {len(view.events)} resync event(s); last state {last.get('state', 'none')}, "
+                     f"mismatch {_num(last.get('mismatch'))}")  # fmt: skip
+        for e in view.events:
+            lines.append(f"    at {e['time'] - result.started:.0f} s: {e['reason']}; top states "
+                         f"{[s['state'] for s in e['top_states'][:2]]}")  # fmt: skip
+    return lines
