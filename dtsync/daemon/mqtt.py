@@ -6,16 +6,57 @@ MQTT v5 is the default; "3.1.1" is for brokers that speak only that (amqtt, Rabb
 
 from __future__ import annotations
 
+import contextvars
 import math
 import random
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dtsync.config import MqttSettings
+
+_PUBLISH_MID: contextvars.ContextVar[int] = contextvars.ContextVar("publish_mid")
+
+
+class PublishRefused(aiomqtt.MqttError):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5), e.g. 0x87 Not authorized."""
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client, plus what it drops: the reason code of each PUBACK.
+
+    On MQTT v5 a broker that refuses a publish (an ACL, a quota) still answers PUBACK, with a failure reason
+    code; aiomqtt completes `publish` as if it were delivered. `publish_acked` raises PublishRefused instead,
+    so an event that was refused stays in the outbox.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused: dict[int, str] = {}
+        paho_publish = self._client.publish
+
+        def publish(*a: Any, **k: Any) -> Any:
+            info = paho_publish(*a, **k)
+            _PUBLISH_MID.set(info.mid)  # same task as the awaiting caller: it reads the mid back
+            return info
+
+        self._client.publish = publish  # type: ignore[method-assign]
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self._refused[mid] = str(reason_code)
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        """`publish` at QoS 1 that raises PublishRefused when the PUBACK carries a failure reason code."""
+        await self.publish(topic, payload, qos=1, **kwargs)
+        refused = self._refused.pop(_PUBLISH_MID.get(-1), None)
+        if refused is not None:
+            raise PublishRefused(f"broker refused the publish to {topic}: {refused}")
 
 
 def make_client(
@@ -24,7 +65,7 @@ def make_client(
     client_id: str | None = None,
     will: aiomqtt.Will | None = None,
     timeout: float = 10.0,
-) -> aiomqtt.Client:
+) -> Client:
     """A not-yet-connected client (`async with` connects); raises ConfigError if the password is unreadable."""
     protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
     tls = None
@@ -36,7 +77,7 @@ def make_client(
             cert_reqs=ssl.CERT_REQUIRED,
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
-    return aiomqtt.Client(
+    return Client(
         settings.host,
         settings.port,
         username=settings.username,

@@ -32,7 +32,7 @@ from dtsync.config import Config, ConfigError, load_config
 from dtsync.contract import decode_payload
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.metrics import DaemonMetrics, MetricsServer
-from dtsync.daemon.mqtt import backoff, expiry_properties, make_client
+from dtsync.daemon.mqtt import Client, PublishRefused, backoff, expiry_properties, make_client
 from dtsync.daemon.notify import SystemdNotifier
 from dtsync.daemon.outbox import Outbox, PendingEvent
 from dtsync.daemon.topics import REAL, Topics
@@ -71,7 +71,7 @@ class Daemon:
         self._last_event: dict[tuple[str, str], str] = {}
         self._last_seen: dict[tuple[str, str], float] = {}  # (cell, stream) -> monotonic time
         self._clock: dict[str, tuple[float, float]] = {}  # cell -> (stream time, monotonic time it was seen)
-        self._client: aiomqtt.Client | None = None
+        self._client: Client | None = None
         self._sending: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -178,7 +178,7 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), next(delays))
 
-    async def _on_connect(self, client: aiomqtt.Client, liveness: str) -> None:
+    async def _on_connect(self, client: Client, liveness: str) -> None:
         await client.publish(liveness, b"online", qos=1, retain=True)
         for cell in self.monitors:
             for topic in self.topics.telemetry_filters(cell):
@@ -195,7 +195,7 @@ class Daemon:
             self._ready_sent = True
             self.notifier.ready()
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
+    async def _consume(self, client: Client) -> None:
         """Handle messages until stopped (returns) or the connection breaks (MqttError)."""
         consume = asyncio.create_task(self._handle_all(client))
         stop = asyncio.create_task(self._stop.wait())
@@ -205,7 +205,7 @@ class Daemon:
         if consume in done:
             consume.result()  # re-raises the MqttError that ended it
 
-    async def _handle_all(self, client: aiomqtt.Client) -> None:
+    async def _handle_all(self, client: Client) -> None:
         async for message in client.messages:
             try:
                 self.handle(message.topic.value, message.payload)  # type: ignore[arg-type]
@@ -214,7 +214,7 @@ class Daemon:
                 if self.rejects.log(log, "internal_error", topic=message.topic.value):
                     log.exception("message handling failed")
 
-    async def _goodbye(self, client: aiomqtt.Client, liveness: str) -> None:
+    async def _goodbye(self, client: Client, liveness: str) -> None:
         """Clean stop: give pending events a short chance, then say offline (the will is not sent)."""
         with contextlib.suppress(TimeoutError, aiomqtt.MqttError):
             await asyncio.wait_for(self._flush_outbox(), STOP_FLUSH_SECONDS)
@@ -339,8 +339,11 @@ class Daemon:
                 log.warning("resync event expired unsent", event_id=event.event_id, topic=event.topic)
                 return
             props = expiry_properties(self.mqtt, remaining)
-            await client.publish(event.topic, event.payload, qos=1, properties=props, timeout=PUBLISH_TIMEOUT)
+            await client.publish_acked(event.topic, event.payload, properties=props, timeout=PUBLISH_TIMEOUT)
             self.outbox.remove(event.event_id)
+        except PublishRefused as e:
+            log.error("resync event refused by the broker; kept in the outbox (check the broker ACL)",
+                      event_id=event.event_id, error=str(e))  # fmt: skip
         except aiomqtt.MqttError as e:
             log.warning("resync event not acknowledged yet; kept in the outbox", event_id=event.event_id,
                         error=str(e))  # fmt: skip
