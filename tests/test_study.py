@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dtsync import dtbsm
 from dtsync.cli import app
 from dtsync.testbed import exact_mdp, preset
 from dtsync.testbed.study import (
@@ -25,6 +26,7 @@ from dtsync.testbed.study import (
     run_study,
     selection_table,
 )
+from dtsync.testbed.variants import fitted
 
 runner = CliRunner()
 
@@ -52,6 +54,17 @@ def test_pool_is_diverse_and_reproducible() -> None:
     spec = pool[0]
     assert build_twin(real, spec) == build_twin(real, spec)
     assert build_twin(real, spec).label_space() == real.label_space()
+
+
+def test_a_twin_fitted_on_more_measurements_is_closer_to_the_real_network() -> None:
+    real = exact_mdp(preset("real"))
+
+    def exact_mismatch(samples: int, seed: int) -> float:
+        twin = exact_mdp(fitted(preset("real"), samples, np.random.default_rng(seed)))
+        return dtbsm(real.R, real.P, twin.R, twin.P, 0.9).mismatch
+
+    few, many = [exact_mismatch(30, s) for s in range(2)], [exact_mismatch(300_000, s) for s in range(2)]
+    assert max(many) < 0.05 < 0.5 < min(few)
 
 
 def test_correlations_match_textbook_values() -> None:

@@ -118,7 +118,7 @@ def _set_events(params: TestbedParams, probs: np.ndarray) -> list[dict[str, Any]
         if isinstance(params.ues[i].traffic, PoissonTraffic):
             ues[i]["traffic"] = {"kind": "poisson", "rate": rate}
         else:
-            pmf = [sizes.get(k, 0.0) / rate if rate > 0 else float(k == 1) for k in range(1, max(sizes) + 1)]
+            pmf = [sizes.get(k, 0.0) / rate for k in range(1, max(sizes) + 1)]  # rate > 0: only events with p > 0
             ues[i]["traffic"] = {"kind": "batch", "rate": rate, "sizes": pmf}
     return ues
 
