@@ -420,15 +420,10 @@ def test_default_queue_drops_for_a_stalled_subscriber_and_the_shipped_one_does_n
     assert _received_by_a_stalled_subscriber(tmp_path / "shipped", shipped) == 3000
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="daemon bug: _send treats a PUBACK with reason code 'Not authorized' "
-    "(0x87) as delivery and removes the event from the outbox, silently",
-)
 def test_an_event_the_broker_refuses_is_not_silently_lost(secure: Secure) -> None:
-    """A daemon user whose ACL lacks `write .../resync` (a deployment mistake): the broker refuses the event.
-    The daemon must not count that as delivered: the event stays in the outbox (DtsyncOutboxBacklogGrowing
-    then fires) or at least a warning names it."""
+    """A daemon user whose ACL lacks `write .../resync` (a deployment mistake): the broker refuses the event
+    (PUBACK 0x87). The daemon does not count that as delivered: the event stays in the outbox, so
+    DtsyncOutboxBacklogGrowing fires, and an error names it and the ACL. (Before 2d933e5 it was dropped silently.)"""
     acl = secure.workdir / "dtsync.acl"
     acl.write_text(
         acl.read_text() + "\nuser dtsync-nowrite\ntopic read dtsync/+/real\ntopic read dtsync/+/twin/+\n"
@@ -464,12 +459,13 @@ def test_an_event_the_broker_refuses_is_not_silently_lost(secure: Secure) -> Non
         wait_for(lambda: daemon.metric("dtsync_resync_events_total", cell="cell-3", twin="drifting"), 30, "an event")
         time.sleep(2)
         assert secure.controller.received("cell-3/twin/drifting/resync") == []  # refused by the broker
-        warned = [
-            ln
-            for ln in daemon.log.read_text().splitlines()
-            if '"resync event"' not in ln and ('"level": "warning"' in ln or '"level": "error"' in ln)
-        ]
-        assert daemon.metric("dtsync_outbox_pending") == 1 or warned
+        event_id = json.loads(
+            next(ln for ln in daemon.log.read_text().splitlines() if '"event": "resync event"' in ln)
+        )["event_id"]
+        errors = [json.loads(ln) for ln in daemon.log.read_text().splitlines() if '"level": "error"' in ln]
+        assert errors and all(e["event_id"] == event_id and "refused by the broker" in e["event"] for e in errors)
+        assert "Not authorized" in errors[0]["error"]
+        assert daemon.metric("dtsync_outbox_pending") == 1
     finally:
         if producer is not None:
             producer.close()
