@@ -265,6 +265,17 @@ class CellMonitor:
         the points where `due` could fire, transitions go into the window in one `extend`. Rejected items are
         appended to `rejected` as (position, reason).
         """
+        if len(transitions) == 1:  # one transition a message is common: the plain path is cheapest
+            tr = transitions[0]
+            reason = self.add(stream, tr, now)
+            if reason is not None:
+                rejected.append((0, reason))
+                return
+            t1 = now if tr.t is None else tr.t
+            names = self.due(t1)
+            if names:
+                yield t1, names
+            return
         window = self.real if stream == REAL else self.twins[stream].window
         affected = list(self.twins.values()) if stream == REAL else [self.twins[stream]]
         s, a, sn, kept, bad = self.encoding.encode_many(transitions)

@@ -155,8 +155,32 @@ class SlidingWindow:
         return float(self._t[self._end - 1]) if len(self) else None
 
     def add(self, s: int, a: int, r: float, s_next: int, t: float) -> None:
-        """Append one transition, then evict beyond ``max_count`` and older than ``max_seconds``."""
-        self.extend((s,), (a,), (r,), (s_next,), (t,))
+        """Append one transition, then evict beyond ``max_count`` and older than ``max_seconds``.
+
+        The same update as :meth:`extend` on one item, in plain Python: for a single transition that is
+        several times cheaper than handing arrays to the compiled loop.
+        """
+        if s < 0 or a < 0 or s_next < 0:
+            raise ValueError("state and action indices must be >= 0")
+        self._make_room(1)
+        i = self._end
+        self._s[i], self._a[i], self._sn[i], self._r[i], self._t[i] = s, a, s_next, r, t
+        self._grow_model(max(s, s_next) + 1, a + 1)
+        self._n_sas[s, a, s_next] += 1
+        n = int(self._n_sa[s, a]) + 1
+        self._n_sa[s, a] = n
+        old = float(self._rsum[s, a])
+        total = old + r
+        if abs(old) >= abs(r):
+            self._rcomp[s, a] += (old - total) + r
+        else:
+            self._rcomp[s, a] += (r - total) + old
+        self._rsum[s, a] = total
+        self._end = i + 1
+        if t > self._now:
+            self._now = t
+        if self.max_seconds is not None or self._end - self._head > self.max_count:  # type: ignore[operator]
+            self._evict()
 
     def extend(
         self, s: Sequence[int], a: Sequence[int], r: Sequence[float], s_next: Sequence[int], t: Sequence[float]
