@@ -155,7 +155,6 @@ def test_plot_is_skipped_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_plot_is_written_with_matplotlib(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     result = run_study(pool=4, seed=1, samples=5_000, workers=1)
     assert plot_study(result, tmp_path / "p.png") is True
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
