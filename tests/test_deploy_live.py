@@ -116,7 +116,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     samples = write_samples(workdir / "samples", seed=7)
     broker = Mosquitto(workdir)
     broker.start()
-    config = daemon_config(broker.port, workdir, schedule={"every_transitions": 500, "every_seconds": 5})
+    # every 100 transitions: a burst then makes evaluations fall due while the previous one computes, so the
+    # deferral counter has labelled series too
+    config = daemon_config(broker.port, workdir, schedule={"every_transitions": 100, "every_seconds": 5})
     daemon = DaemonProcess(workdir, config)
     target = config["metrics"]["listen"]
     prometheus = None
