@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +44,8 @@ def test_drift_raises_exactly_one_event_and_a_faithful_twin_none(
 ) -> None:
     sub = Subscriber(broker.port, ["dtsync/#"])
     daemon = DaemonProcess(tmp_path, daemon_config(broker.port, tmp_path))
+    watch = subprocess.Popen([sys.executable, "-m", "dtsync.cli", "watch", "--host", "127.0.0.1", "--port",
+                              str(broker.port), "--events", "1"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         daemon.wait_connected()
         streams = {name: samples[name] for name in ("real", "faithful", "drifting")}
@@ -67,7 +71,13 @@ def test_drift_raises_exactly_one_event_and_a_faithful_twin_none(
         last = {s["twin"]: s for s in sub.statuses()}
         assert last["drifting"]["state"] == "drifted" and last["drifting"]["last_event_id"] == event["event_id"]
         assert last["faithful"]["state"] == "ok" and last["faithful"]["last_event_id"] is None
+        # `dtsync watch` printed the liveness, statuses and the event for a person, then exited after 1 event.
+        printed, _ = watch.communicate(timeout=10)
+        assert watch.returncode == 0
+        assert "DAEMON test: online" in printed and "STATUS cell-1/faithful: ok, mismatch" in printed
+        assert f"RESYNC cell-1/drifting: mismatch {event['mismatch']:.4g}" in printed and event["event_id"] in printed
     finally:
+        watch.kill()
         sub.close()
         assert daemon.stop() == 0
 
@@ -161,7 +171,7 @@ def _pending_event(outbox: Path, event_id: str, expires_at: float) -> None:
     db.close()
 
 
-def test_outbox_survives_restart_and_outage(broker: Mosquitto, tmp_path: Path) -> None:
+def test_outbox_survives_restart_and_outage(broker: Mosquitto, samples: dict[str, Path], tmp_path: Path) -> None:
     """Events left unacknowledged by a previous run are sent after start; expired ones are dropped; during a
     broker outage the metrics endpoint answers, healthz says 503, and pending events go out on reconnect."""
     outbox = tmp_path / "outbox.sqlite"
@@ -190,6 +200,10 @@ def test_outbox_survives_restart_and_outage(broker: Mosquitto, tmp_path: Path) -
         wait_for(lambda: sub.on("/resync"), 10, "the event after reconnect")
         assert json.loads(sub.on("/resync")[0].payload)["event_id"] == "raised-during-outage"
         assert daemon.metric("dtsync_mqtt_connects_total") == 2
+        # and telemetry flows again after the restart: the daemon re-subscribed
+        publish_cli(broker.port, "cell-1", {"real": samples["real"]}, "--batch", "100", "--qos", "1")
+        wait_for(lambda: daemon.metric("dtsync_transitions_received_total", cell="cell-1", stream="real") == 20_000,
+                 20, "telemetry after the broker restart")  # fmt: skip
     finally:
         sub.close()
         daemon.stop()
