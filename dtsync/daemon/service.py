@@ -56,8 +56,9 @@ class Daemon:
     ) -> None:
         self.config = config
         self.config_path = config_path
-        self.mqtt = config.mqtt  # connection settings are fixed for the life of the process
-        self.instance = config.daemon.instance
+        self.mqtt = config.mqtt  # connection and daemon settings are fixed for the life of the process
+        self.daemon_settings = config.daemon
+        self.instance = self.daemon_settings.instance
         self.topics = Topics(config.mqtt.topic_prefix)
         self.namespace = uuid.uuid4()  # event ids never repeat across restarts
         self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in config.cells}
@@ -444,7 +445,7 @@ class Daemon:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """For /healthz (metrics thread): healthy when connected and no configured stream is stale."""
         now = time.monotonic()
-        limit = self.config.daemon.stale_seconds
+        limit = self.daemon_settings.stale_seconds
         stale = []
         for cell, monitor in list(self.monitors.items()):
             for stream in (REAL, *list(monitor.twins)):
