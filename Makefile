@@ -19,7 +19,7 @@ system-deps:
 	.ci/system-deps
 
 test: system-deps $(STAMP)
-	$(BIN)/ruff check dtsync tests benchmarks
+	$(BIN)/ruff check dtsync tests benchmarks deploy
 	$(BIN)/pytest -q
 
 # The main job: a broker (mosquitto if installed, else embedded), the testbed as a real network and two

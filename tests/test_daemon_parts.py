@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from typer.testing import CliRunner
 
 from dtsync.cli import app
@@ -104,3 +104,26 @@ def test_run_refuses_a_config_without_cells(tmp_path: Path) -> None:
     empty.write_text("gamma: 0.9\n")
     out = CliRunner().invoke(app, ["run", "--config", str(empty)])
     assert out.exit_code == 2 and "no cells configured" in out.output
+
+
+def test_configured_series_exist_before_any_data(tmp_path: Path) -> None:
+    """A first event must show as an increase from 0, and a silent stream as old, not as a missing series."""
+    import asyncio
+
+    from dtsync.config import parse_config
+    from dtsync.daemon.service import REJECT_REASONS_ALL, Daemon
+
+    config = parse_config({"cells": {"c": {"twins": {"t": {}}}},
+                           "daemon": {"outbox_path": str(tmp_path / "o.sqlite")}})  # fmt: skip
+
+    async def make() -> Daemon:
+        return Daemon(config)
+
+    daemon = asyncio.run(make())
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert 'dtsync_resync_events_total{cell="c",twin="t"} 0.0' in text
+    assert 'dtsync_transitions_received_total{cell="c",stream="real"} 0.0' in text
+    assert 'dtsync_twin_state{cell="c",dtsync_twin_state="warming",twin="t"} 1.0' in text
+    assert all(f'dtsync_rejected_total{{reason="{r}"}} 0.0' in text for r in REJECT_REASONS_ALL)
+    assert 'dtsync_last_transition_timestamp_seconds{cell="c",stream="t"}' in text
+    daemon.outbox.close()

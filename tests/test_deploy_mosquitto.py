@@ -309,7 +309,7 @@ def test_daemon_works_through_tls_passwords_and_acl(secure: Secure) -> None:
     assert b"online" in [p for t, p in ctl.received("dtsync/_daemon/test/status")]
     telemetry = [t for t, _ in ctl.received() if t.endswith("/real") or t.count("/") == 3 and "/twin/" in t]
     assert telemetry == []  # subscribed to dtsync/#, yet the ACL keeps telemetry from controllers
-    assert daemon.metric("dtsync_rejected_total", reason="unknown_stream") is None
+    assert daemon.metric("dtsync_rejected_total", reason="unknown_stream") == 0  # declared at start, never incremented
 
 
 def test_acl_refuses_what_each_user_is_not_granted(secure: Secure) -> None:
@@ -340,7 +340,7 @@ def test_acl_refuses_what_each_user_is_not_granted(secure: Secure) -> None:
             10,
             "cell-2's own transition",
         )
-        assert daemon.metric("dtsync_transitions_received_total", cell="cell-2", stream="faithful") is None
+        assert daemon.metric("dtsync_transitions_received_total", cell="cell-2", stream="faithful") == 0
         assert not secure.controller.received("/faithful/resync")  # the forged events never reached anyone
         assert not [p for t, p in secure.controller.received("_daemon/test/status") if p != b"online"]
     finally:

@@ -83,6 +83,19 @@ class DaemonMetrics:
             {"version": __version__, "daemon_instance": instance}
         )
 
+    def declare(self, cell: str, twins: Iterable[str], reasons: Iterable[str], since: float) -> None:
+        """Create every configured series at start (or when a reload adds a twin), so that a first event shows
+        as an increase from 0 and a stream that never delivers is seen as stale from `since`, not as absent."""
+        for twin in twins:
+            self.resync_events.labels(cell, twin)
+            self.evaluations_deferred.labels(cell, twin)
+            self.twin_state.labels(cell, twin).state("warming")
+        for stream in ("real", *twins):
+            self.transitions.labels(cell, stream)
+            self.last_transition.labels(cell, stream).set(since)
+        for reason in reasons:
+            self.rejected.labels(reason)
+
     def record(self, report: Report) -> None:
         """Export one evaluation."""
         f, labels = report.figures, (report.cell, report.twin)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextvars
 import math
+import os
 import random
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -71,9 +73,9 @@ def make_client(
     tls = None
     if settings.tls is not None:
         tls = aiomqtt.TLSParameters(
-            ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
-            certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
-            keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+            ca_certs=_expand(settings.tls.ca_file),
+            certfile=_expand(settings.tls.cert_file),
+            keyfile=_expand(settings.tls.key_file),
             cert_reqs=ssl.CERT_REQUIRED,
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
@@ -89,6 +91,11 @@ def make_client(
         keepalive=settings.keepalive,
         timeout=timeout,
     )
+
+
+def _expand(path: Path | None) -> str | None:
+    """Paths may name systemd's ``${CREDENTIALS_DIRECTORY}``, as ``password_file`` may."""
+    return None if path is None else os.path.expandvars(str(path))
 
 
 def expiry_properties(settings: MqttSettings, seconds: float) -> Properties | None:

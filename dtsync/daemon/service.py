@@ -30,17 +30,21 @@ import structlog
 
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
-from dtsync.contract import decode_payload
+from dtsync.contract import REJECT_REASONS, decode_payload
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.metrics import DaemonMetrics, MetricsServer
 from dtsync.daemon.mqtt import Client, PublishRefused, backoff, expiry_properties, make_client
 from dtsync.daemon.notify import SystemdNotifier
 from dtsync.daemon.outbox import Outbox, PendingEvent
 from dtsync.daemon.topics import REAL, Topics
+from dtsync.encoding import ENCODING_REASONS
 from dtsync.logs import ReasonLimiter
 from dtsync.monitor import CellMonitor, Figures, Report, Snapshot
 
 log = structlog.get_logger("dtsync.daemon")
+
+# Every reason a message or transition can be refused for: the fixed label set of dtsync_rejected_total.
+REJECT_REASONS_ALL = (*REJECT_REASONS, *ENCODING_REASONS, "too_many_labels", "unknown_stream", "internal_error")
 
 TICK_SECONDS = 1.0  # time-based schedule checks, staleness, watchdog
 STOP_FLUSH_SECONDS = 2.0  # on SIGTERM: time left to deliver pending events before saying offline
@@ -63,6 +67,8 @@ class Daemon:
         self.namespace = uuid.uuid4()  # event ids never repeat across restarts
         self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in config.cells}
         self.metrics = DaemonMetrics(self.instance)
+        for cell, monitor in self.monitors.items():
+            self.metrics.declare(cell, list(monitor.twins), REJECT_REASONS_ALL, time.time())
         self.metrics.schedule_seconds.set(config.schedule.every_seconds or 0)
         self.outbox = Outbox(config.daemon.outbox_file())
         self.metrics.outbox_pending.set(len(self.outbox))
@@ -145,6 +151,7 @@ class Daemon:
             mon = self.monitors.get(cell)
             if mon is None:
                 self.monitors[cell] = CellMonitor(cell, new, self.namespace)
+                self.metrics.declare(cell, list(new.cells[cell].twins), (), time.time())
                 self._spawn(self._subscribe(cell, subscribe=True))
                 self._publish_initial_status(cell)
                 continue
@@ -156,6 +163,7 @@ class Daemon:
                 continue
             for twin in before - set(mon.twins):
                 self._forget_twin(cell, twin)
+            self.metrics.declare(cell, [t for t in mon.twins if t not in before], (), time.time())
             self._publish_initial_status(cell, only_new=before)
         self.config = new
         self.metrics.schedule_seconds.set(new.schedule.every_seconds or 0)
