@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -29,14 +28,6 @@ EVENT_KEYS = {"event_id", "time", "cell", "twin", "mismatch", "mismatch_lower", 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_samples(tmp_path_factory.mktemp("samples"), seed=7)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 def test_drift_raises_exactly_one_event_and_a_faithful_twin_none(

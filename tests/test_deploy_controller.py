@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import paho.mqtt.client as paho
-import pytest
 from mqtt_harness import Mosquitto, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -78,14 +76,6 @@ def test_memory_is_bounded_by_deadlines_and_by_max_ids() -> None:
     assert list(f.seen) == ["e4", "later"]
     # a forgotten id comes back only after its deadline, when it is rejected as expired anyway
     assert f.check(event("e2", expires_at=NOW + 12), now=NOW + 13).reason == "expired"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 def _publish(port: int, messages: list[tuple[str, bytes, int | None]]) -> None:
