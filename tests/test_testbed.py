@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from mqtt_harness import Mosquitto
 from typer.testing import CliRunner
 
 from dtsync import dtbsm
@@ -192,3 +193,30 @@ def test_record_refuses_bad_arguments(tmp_path: Path) -> None:
     for args, message in cases:
         result = runner.invoke(app, ["testbed", "record", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_publish_sends_the_testbed_live_in_the_telemetry_contract(broker: Mosquitto) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from mqtt_harness import Subscriber, wait_for
+
+    from dtsync.contract import decode_payload
+
+    sub = Subscriber(broker.port, ["dtsync/cell-9/#"])
+    started = time.time()
+    try:
+        cmd = [sys.executable, "-m", "dtsync.cli", "testbed", "publish", "--preset", "real", "--cell", "cell-9",
+               "--stream", "stale", "--steps", "600", "--rate", "3000", "--batch", "50", "--qos", "1",
+               "--switch-at", "300", "--switch-to", "frozen-channel", "--host", "127.0.0.1", "--port", str(broker.port)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "published 600 transitions to cell-9/stale in 12 messages" in out.stdout
+        wait_for(lambda: len(sub.on("/twin/stale")) == 12, 10, "12 batches")
+        got = [tr for m in sub.on("/twin/stale") for tr in decode_payload(m.payload)[0]]
+        assert [tr.seq for tr in got] == list(range(600))
+        assert all(started - 1 <= tr.t <= time.time() + 1 for tr in got)  # live: wall-clock times
+        assert {tr.a for tr in got} <= set(preset("real").actions)
+    finally:
+        sub.close()

@@ -43,29 +43,89 @@ def _params(name_or_file: str) -> TestbedParams:
         _fail(str(e))
 
 
-@testbed_app.command()
-def record(
-    out: Annotated[Path, typer.Option("--out", help="JSONL file to write (telemetry contract, one line each).")],
-    preset_name: Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML parameters instead of a preset.")] = None,
-    steps: Annotated[int, typer.Option(min=0, help="Transitions to write.")] = 20_000,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    switch_at: Annotated[int | None, typer.Option(min=0, help="Step from which --switch-to applies.")] = None,
-    switch_to: Annotated[str | None, typer.Option(help="Preset name or YAML file used from --switch-at on.")] = None,
-    step_seconds: Annotated[float, typer.Option(min=0.0, help="Trace time between transitions.")] = 0.01,
-    start_time: Annotated[float, typer.Option(help="Trace time of the first transition.")] = 0.0,
-) -> None:
-    """Run the testbed under the uniform random scheduler and write its transitions as JSON Lines."""
+def _source(
+    preset_name: str | None, config: Path | None, switch_at: int | None, switch_to: str | None
+) -> tuple[TestbedParams, Switch | None]:
+    """The parameters (and optional switch) named by the --preset/--config/--switch-at/--switch-to options."""
     if (preset_name is None) == (config is None):
         _fail("give exactly one of --preset NAME and --config FILE")
     if (switch_at is None) != (switch_to is None):
         _fail("--switch-at and --switch-to go together")
     params = _params(preset_name) if preset_name is not None else _params(str(config))
-    switch = None
-    if switch_at is not None and switch_to is not None:
-        switch = Switch(switch_at, _params(switch_to))
-        if switch.params.label_space() != params.label_space():
-            _fail(f"{switch_to!r} has other UEs, levels or schemes than the recorded parameters")
+    if switch_at is None or switch_to is None:
+        return params, None
+    switch = Switch(switch_at, _params(switch_to))
+    if switch.params.label_space() != params.label_space():
+        _fail(f"{switch_to!r} has other UEs, levels or schemes than the recorded parameters")
+    return params, switch
+
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}.")]
+ParamsFileOpt = Annotated[Path | None, typer.Option("--config", help="YAML parameters instead of a preset.")]
+SwitchAtOpt = Annotated[int | None, typer.Option(min=0, help="Step from which --switch-to applies.")]
+SwitchToOpt = Annotated[str | None, typer.Option(help="Preset name or YAML file used from --switch-at on.")]
+
+
+@testbed_app.command()
+def publish(
+    cell: Annotated[str, typer.Option(help="Cell whose topics receive the transitions.")],
+    stream: Annotated[str, typer.Option(help="'real', or the twin's name.")] = "real",
+    preset_name: PresetOpt = None,
+    config: ParamsFileOpt = None,
+    steps: Annotated[int, typer.Option(min=1, help="Transitions to publish.")] = 60_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    switch_at: SwitchAtOpt = None,
+    switch_to: SwitchToOpt = None,
+    rate: Annotated[float, typer.Option(min=1.0, help="Transitions per second.")] = 1000.0,
+    batch: Annotated[int, typer.Option(min=1, help="Transitions per message (JSON array when > 1).")] = 1,
+    qos: Annotated[int, typer.Option(min=0, max=2, help="MQTT QoS.")] = 0,
+    mqtt_config: Annotated[Path | None, typer.Option("--mqtt-config", help="dtsync config for the broker.")] = None,
+    host: Annotated[str | None, typer.Option(help="Broker host (overrides the config).")] = None,
+    port: Annotated[int | None, typer.Option(help="Broker port (overrides the config).")] = None,
+) -> None:
+    """Run the testbed live: publish its transitions over MQTT in the telemetry contract at `--rate`.
+
+    Transition times are wall-clock (one every 1/rate seconds from now), as a live network's would be.
+    """
+    import asyncio
+    import time
+
+    import aiomqtt
+
+    from dtsync.config import default_config, load_config
+    from dtsync.daemon.publish import publish_items
+
+    params, switch = _source(preset_name, config, switch_at, switch_to)
+    try:
+        settings = (load_config(mqtt_config) if mqtt_config is not None else default_config()).mqtt
+    except ConfigError as e:
+        _fail(str(e))
+    settings = settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    source = transitions(params, steps=steps, seed=seed, start_time=time.time(), step_seconds=1.0 / rate,
+                         switch=switch)  # fmt: skip
+    try:
+        result = asyncio.run(publish_items(settings, cell, ((stream, tr) for tr in source), rate=rate, batch=batch,
+                                           qos=qos))  # fmt: skip
+    except aiomqtt.MqttError as e:
+        _fail(f"broker {settings.host}:{settings.port}: {e}")
+    typer.echo(f"published {steps} transitions to {cell}/{stream} in {result.messages} messages, "
+               f"{result.seconds:.1f} s")  # fmt: skip
+
+
+@testbed_app.command()
+def record(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write (telemetry contract, one line each).")],
+    preset_name: PresetOpt = None,
+    config: ParamsFileOpt = None,
+    steps: Annotated[int, typer.Option(min=0, help="Transitions to write.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    switch_at: SwitchAtOpt = None,
+    switch_to: SwitchToOpt = None,
+    step_seconds: Annotated[float, typer.Option(min=0.0, help="Trace time between transitions.")] = 0.01,
+    start_time: Annotated[float, typer.Option(help="Trace time of the first transition.")] = 0.0,
+) -> None:
+    """Run the testbed under the uniform random scheduler and write its transitions as JSON Lines."""
+    params, switch = _source(preset_name, config, switch_at, switch_to)
     with out.open("wb") as fh:
         for tr in transitions(
             params, steps=steps, seed=seed, start_time=start_time, step_seconds=step_seconds, switch=switch
