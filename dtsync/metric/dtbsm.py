@@ -72,9 +72,12 @@ class _Workspace:
     """Per-solver state kept between calls (the warm start): every transport problem's basis and bounds.
 
     codes (S, S', A, 2K-1): tree bases; wb, ex (S, S', A): the value anchors and optimality expiries read by
-    `ot_kernel.sweep`, both relative to `cum`, an upper bound on the sup-norm path length of d since the
-    workspace was (re)set, advanced by `observe` each time d is read. A state-action whose data changed since
-    the last call loses its anchors (its basis is kept as a warm start and re-proved).
+    `ot_kernel.sweep`. ex is relative to `cum`, an upper bound on the sup-norm path length of d since the
+    workspace was (re)set; wb to the row clock Pr[s, a] = sum_x P(x|s, a) rowC[x], with rowC[x] the path length
+    of row x of d (a coupling of (s, a)'s problem has row marginal P(.|s, a), so its value moved by at most the
+    change of Pr); G to Z[s], which advances by the largest change of Pr[s, .]. All advance in `observe` each
+    time d is read. A state-action whose data changed since the last call loses its anchors (its basis is kept
+    as a warm start and re-proved).
     """
 
     def __init__(self) -> None:
@@ -88,6 +91,9 @@ class _Workspace:
         self.tgt = np.zeros((0, 0, 1), np.int64)
         self.flw = np.zeros((0, 0, 1))
         self.cum = 0.0
+        self.rowC = np.zeros(0)
+        self.Pr = np.zeros((0, 0))
+        self.Z = np.zeros(0)
         self.seen: np.ndarray | None = None
         self.m1: SparseMDP | None = None
         self.m2: SparseMDP | None = None
@@ -111,6 +117,8 @@ class _Workspace:
             self.tgt = np.full((S1, S2, codes.shape[3]), -1, np.int64)
             self.flw = np.zeros((S1, S2, codes.shape[3]))
             self.cum = 0.0
+            self.rowC = np.zeros(S1)
+            self.Z = np.zeros(S1)
             self.seen = None
             self.key = key
         else:
@@ -129,14 +137,26 @@ class _Workspace:
                 self.wb[:, s2, a] = np.inf
                 self.ex[:, s2, a] = -1.0
         self.m1, self.m2 = m1, m2
+        self.Pr = self._row_clock()  # at the new masses: Z advances with d only
+
+    def _row_clock(self) -> np.ndarray:
+        """Pr[s, a] = sum_x P(x|s, a) rowC[x]: how far, at most, any coupling of (s, a)'s problems moved."""
+        assert self.m1 is not None
+        return np.einsum("sak,sak->sa", self.m1.mass, self.rowC[self.m1.idx])
 
     def observe(self, d: np.ndarray) -> None:
         """d is about to be read: advance cum by how far it moved since last read."""
         if self.seen is None:
             self.seen = d.copy()
+            self.Pr = self._row_clock()
             return
-        self.cum += float(np.max(np.abs(d - self.seen), initial=0.0)) * (1.0 + 1e-12)
+        moved = np.abs(d - self.seen)
+        self.cum += float(np.max(moved, initial=0.0)) * (1.0 + 1e-12)
+        self.rowC += np.max(moved, axis=1, initial=0.0) * (1.0 + 1e-12)
         self.seen[...] = d
+        old = self.Pr
+        self.Pr = self._row_clock()
+        self.Z += np.maximum(np.max(self.Pr - old, axis=1, initial=0.0), 0.0) * (1.0 + 1e-12)
 
 
 def _changed_rows(old: SparseMDP, new: SparseMDP) -> np.ndarray:
@@ -186,7 +206,7 @@ def fixed_point(
     def run(x: np.ndarray, exact: bool) -> float:
         ws.observe(x)
         kernel(
-            x, ws.cum, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
+            x, ws.cum, ws.Pr, ws.Z, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
             gamma, unknown_value, ws.codes, ws.wb, ws.ex, ws.G, ws.exa, F, act, tgt, flw, stats,
         )  # fmt: skip
         return float(np.max(np.abs(F - x)))

@@ -391,7 +391,7 @@ def _workspace(K):
 
 
 @njit(cache=True, nogil=True)
-def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, cum, margin, U) -> bool:
+def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, Pr, margin, U) -> bool:
     """Upper bounds U[a] on every action's term for pair (s, s2) (-inf if unknown); True if any is unknown."""
     missing = False
     for a in range(n1.shape[1]):
@@ -399,13 +399,13 @@ def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, cum, margin, U) -> bool:
             missing = True
             U[a] = -np.inf
         else:
-            U[a] = abs(R1[s, a] - R2[s2, a]) + gamma * (wb[s, s2, a] + cum) + margin
+            U[a] = abs(R1[s, a] - R2[s2, a]) + gamma * (wb[s, s2, a] + Pr[s, a]) + margin
     return missing
 
 
 @njit(cache=True, nogil=True)
 def _sweep_row(
-    s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
     codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """Row s of `sweep`."""
@@ -437,11 +437,11 @@ def _sweep_row(
                     break
                 value += flw[s, s2, pos] * flat[t]
             total = abs(R1[s, a] - R2[s2, a]) + gamma * value
-            if total >= G[s, s2] + gamma * cum + margin:
+            if total >= G[s, s2] + gamma * Z[s] + margin:
                 F[s, s2] = total
                 dots += 1
                 continue
-        missing = _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, cum, margin, U)
+        missing = _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, Pr, margin, U)
         best = -1.0
         best_a = -1
         best_n = 0
@@ -490,7 +490,7 @@ def _sweep_row(
                     ex[s, s2, a] = -np.inf
             else:
                 dots += 1
-            wb[s, s2, a] = value - cum
+            wb[s, s2, a] = value - Pr[s, a]
             total = abs(R1[s, a] - R2[s2, a]) + gamma * value
             if total > best:
                 best = total
@@ -511,11 +511,11 @@ def _sweep_row(
         act[s, s2] = best_a
         # The competitors' bound, anchored like wb (add gamma * cum to read it): every known action but the
         # chosen one, and the unknown term (a constant, anchored at the current cum).
-        g = unknown_value - gamma * cum if missing else -np.inf
+        g = unknown_value if missing else -np.inf
         for b in range(A):
             if b != best_a and n1[s, b] > 0 and n2[s2, b] > 0:
-                g = max(g, abs(R1[s, b] - R2[s2, b]) + gamma * wb[s, s2, b])
-        G[s, s2] = g
+                g = max(g, abs(R1[s, b] - R2[s2, b]) + gamma * (wb[s, s2, b] + Pr[s, b]))
+        G[s, s2] = g - gamma * Z[s]
         exa[s, s2] = ex[s, s2, best_a] if best_a >= 0 else -np.inf
         for pos in range(nb):
             if pos < best_n:
@@ -532,7 +532,7 @@ def _sweep_row(
 
 @njit(cache=True, nogil=True, parallel=True)
 def sweep(
-    d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
     codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """One application of the operator, F = max_a |dR| + gamma * W_a, in parallel over s, pruned by bounds.
@@ -540,8 +540,10 @@ def sweep(
     Every transport problem (s, s', a) keeps a tree basis `codes` (always primal feasible once built) and two
     numbers that stay valid while d moves, with `cum` an upper bound on the sup-norm distance travelled by d
     since a fixed origin:
-      wb: the value of its coupling at some earlier d, minus cum then. As W1 and any fixed coupling's value
-          are 1-Lipschitz in the sup norm of the costs, wb + cum bounds both from above now.
+      wb: the value of its coupling at some earlier d, minus the row clock Pr[s, a] then. The coupling has row
+          marginal P(.|s, a), so its value rose by at most sum_x P(x|s, a) (path length of row x of d) = the
+          rise of Pr[s, a]; W1 is at most that coupling's value: wb + Pr[s, a] bounds both from above now.
+      G[s, s']: the best competitor's bound then, minus Z[s] then; Z[s] rises by at least every Pr[s, .].
       ex: the basis was proved optimal with smallest off-tree reduced cost `slack`; a cost change of at most
           delta moves a reduced cost by at most 2 min(k, k') delta (the cell plus its tree path), so the basis
           stays optimal while cum < ex = cum_then + slack / (2 min(k, k')).
@@ -560,20 +562,20 @@ def sweep(
     """
     for s in prange(n1.shape[0]):
         _sweep_row(
-            s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+            s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
             codes, wb, ex, G, exa, F, act, tgt, flw, stats,
         )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
 def sweep_serial(
-    d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+    d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
     codes, wb, ex, G, exa, F, act, tgt, flw, stats,
 ):  # fmt: skip
     """`sweep` on the calling thread only: for small problems, where waking the thread pool costs more."""
     for s in range(n1.shape[0]):
         _sweep_row(
-            s, d, cum, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
+            s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
             codes, wb, ex, G, exa, F, act, tgt, flw, stats,
         )  # fmt: skip
 
