@@ -24,44 +24,68 @@ _MAX_PIVOTS = 10_000
 
 
 @njit(cache=True, nogil=True)
-def _peel(cells, n, k, kk, out_codes, deg, used) -> bool:
-    """Order basis cells `cells[:n]` (i * STRIDE + j) by leaf peeling into `out_codes`; False if not a spanning tree."""
-    for v in range(k + kk):
-        deg[v] = 0
+def _peel(cells, n, k, kk, out_codes, deg, used, start, adj, queue) -> bool:
+    """Order basis cells `cells[:n]` (i * STRIDE + j) by leaf peeling into `out_codes`; False if not a spanning tree.
+
+    Linear time: incidence lists (`start`, `adj`, counting sort by node), then a queue of the nodes of degree 1.
+    """
+    nodes = k + kk
+    for v in range(nodes + 1):
+        start[v] = 0
     for e in range(n):
         c = cells[e]
         i = c // STRIDE
         j = c % STRIDE
         if c < 0 or i >= k or j >= kk:
             return False
-        deg[i] += 1
-        deg[k + j] += 1
+        start[i + 1] += 1
+        start[k + j + 1] += 1
         used[e] = False
-    for v in range(k + kk):
+    for v in range(nodes):
+        deg[v] = start[v + 1]
         if deg[v] == 0:
             return False
-    for pos in range(n):
-        found = False
-        for e in range(n):
-            if used[e]:
-                continue
-            c = cells[e]
-            i = c // STRIDE
-            j = c % STRIDE
-            if deg[i] == 1:
-                out_codes[pos] = (c << 1) | 1
-            elif deg[k + j] == 1:
-                out_codes[pos] = c << 1
-            else:
-                continue
-            used[e] = True
-            deg[i] -= 1
-            deg[k + j] -= 1
-            found = True
-            break
-        if not found:
-            return False
-    return True
+        start[v + 1] += start[v]
+    for v in range(nodes):
+        queue[v] = start[v]  # fill pointers
+    for e in range(n):
+        c = cells[e]
+        i = c // STRIDE
+        j = k + c % STRIDE
+        adj[queue[i]] = e
+        queue[i] += 1
+        adj[queue[j]] = e
+        queue[j] += 1
+    tail = 0
+    for v in range(nodes):
+        if deg[v] == 1:
+            queue[tail] = v
+            tail += 1
+    head = 0
+    pos = 0
+    while head < tail:
+        v = queue[head]
+        head += 1
+        if deg[v] != 1:
+            continue
+        e = -1
+        for t in range(start[v], start[v + 1]):
+            if not used[adj[t]]:
+                e = adj[t]
+                break
+        c = cells[e]
+        i = c // STRIDE
+        j = k + c % STRIDE
+        used[e] = True
+        out_codes[pos] = (c << 1) | 1 if v < k else c << 1
+        pos += 1
+        deg[i] -= 1
+        deg[j] -= 1
+        other = j if v < k else i
+        if deg[other] == 1:
+            queue[tail] = other
+            tail += 1
+    return pos == n
 
 
 @njit(cache=True, nogil=True)
@@ -187,39 +211,6 @@ def _corner_basis(k, kk, p, q, codes, rs, rd) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _tree_path(codes, n, k, start, goal, parent_edge, parent_node, stack) -> None:
-    """Parent pointers of the basis tree rooted at node `start` (rows 0..k-1, columns k..)."""
-    total = parent_edge.shape[0]
-    for v in range(total):
-        parent_edge[v] = -2
-    parent_edge[start] = -1
-    top = 0
-    stack[top] = start
-    top += 1
-    while top > 0:
-        top -= 1
-        node = stack[top]
-        if node == goal:
-            return
-        for e in range(n):
-            c = codes[e] >> 1
-            i = c // STRIDE
-            j = k + c % STRIDE
-            if i == node:
-                other = j
-            elif j == node:
-                other = i
-            else:
-                continue
-            if parent_edge[other] != -2:
-                continue
-            parent_edge[other] = e
-            parent_node[other] = node
-            stack[top] = other
-            top += 1
-
-
-@njit(cache=True, nogil=True)
 def _basis_fits(codes, n, k, kk) -> bool:
     """A stored basis has exactly n cells inside the current k x kk problem."""
     if codes[0] < 0 or (codes.shape[0] > n and codes[n] >= 0):
@@ -270,7 +261,7 @@ def _optimize(k, kk, p, q, C, codes, w):
     bound); slack = smallest reduced cost of a non-basic cell at the optimum (+inf when every cell is basic).
     """
     n = k + kk - 1
-    cells, mark, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack, order = w
+    cells, mark, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack, order, depth, start, adj = w
     cmax = 0.0
     for t in range(k * kk):
         if C[t] > cmax:
@@ -304,28 +295,54 @@ def _optimize(k, kk, p, q, C, codes, w):
             status = 1
             break
         pivots += 1
-        # Cycle: entering cell + tree path from column je back to row ie, signs alternating (- first).
-        _tree_path(codes, n, k, ie, k + je, pe, pn, stack)
+        # Cycle: entering cell + the tree path between column je and row ie, signs alternating (- first) from
+        # either end. The peeling order roots the tree: each cell's leaf end is a child of its other end, and the
+        # last cell's other end is the root; walk both ends up to their common ancestor.
+        for pos in range(n - 1, -1, -1):
+            code = codes[pos]
+            c = code >> 1
+            i = c // STRIDE
+            j = k + c % STRIDE
+            if code & 1:
+                child = i
+                par = j
+            else:
+                child = j
+                par = i
+            if pos == n - 1:
+                depth[par] = 0
+            pe[child] = pos
+            pn[child] = par
+            depth[child] = depth[par] + 1
         theta = np.inf
         leave = -1
         leave_cell = 0
-        node = k + je
-        sign_minus = True
-        while node != ie:
-            e = pe[node]
-            if sign_minus:
+        a = k + je
+        b = ie
+        minus_a = True
+        minus_b = True
+        while a != b:
+            if depth[a] >= depth[b]:
+                e = pe[a]
+                minus = minus_a
+                minus_a = not minus_a
+                a = pn[a]
+            else:
+                e = pe[b]
+                minus = minus_b
+                minus_b = not minus_b
+                b = pn[b]
+            if minus:
                 cell = codes[e] >> 1
                 f = flow[e]
                 if f < theta - 1e-15 or (f <= theta + 1e-15 and cell < leave_cell):
                     theta = f
                     leave = e
                     leave_cell = cell
-            sign_minus = not sign_minus
-            node = pn[node]
         for e in range(n):
             cells[e] = codes[e] >> 1
         cells[leave] = ie * STRIDE + je
-        _peel(cells, n, k, kk, codes, deg, used)
+        _peel(cells, n, k, kk, codes, deg, used, start, adj, stack)
         _flows(codes, n, p, q, rs, rd, flow)
 
     value = 0.0
@@ -385,8 +402,11 @@ def _workspace(K):
         np.empty(K, np.bool_),  # col_on
         np.empty(2 * K, np.int64),  # parent edge
         np.empty(2 * K, np.int64),  # parent node
-        np.empty(2 * K, np.int64),  # stack
+        np.empty(2 * K, np.int64),  # queue (peeling)
         np.empty(K * K, np.int64),  # order (greedy)
+        np.empty(2 * K, np.int64),  # depth in the basis tree
+        np.empty(2 * K + 1, np.int64),  # incidence list offsets
+        np.empty(4 * K, np.int64),  # incidence lists
     )
 
 
