@@ -73,9 +73,11 @@ class _Workspace:
 
     codes (S, S', A, 2K-1): tree bases; wb, ex (S, S', A): the value anchors and optimality expiries read by
     `ot_kernel.sweep`. ex is relative to `cum`, an upper bound on the sup-norm path length of d since the
-    workspace was (re)set; wb to the row clock Pr[s, a] = sum_x P(x|s, a) rowC[x], with rowC[x] the path length
-    of row x of d (a coupling of (s, a)'s problem has row marginal P(.|s, a), so its value moved by at most the
-    change of Pr); G to Z[s], which advances by the largest change of Pr[s, .]. All advance in `observe` each
+    workspace was (re)set; wb to the row clock Pr[s, a] = sum_x P(x|s, a) rowC[x], with rowC[x] the sum over
+    reads of the largest (signed) change in row x of d: a coupling of (s, a)'s problem has row marginal
+    P(.|s, a), so its value rose by at most the change of Pr, and fell by at least minus it when every entry
+    fell (the big steps after an exact sweep lower d); G to Z[s], which advances by the largest change of
+    Pr[s, .]. Both bound from above only. All advance in `observe` each
     time d is read. A state-action whose data changed since the last call loses its anchors (its basis is kept
     as a warm start and re-proved).
     """
@@ -150,13 +152,16 @@ class _Workspace:
             self.seen = d.copy()
             self.Pr = self._row_clock()
             return
-        moved = np.abs(d - self.seen)
-        self.cum += float(np.max(moved, initial=0.0)) * (1.0 + 1e-12)
-        self.rowC += np.max(moved, axis=1, initial=0.0) * (1.0 + 1e-12)
+        moved = d - self.seen
+        self.cum += float(np.max(np.abs(moved), initial=0.0)) * (1.0 + 1e-12)
+        rise = np.max(moved, axis=1, initial=-np.inf)  # signed: wb and G only bound from above
+        self.rowC += rise + 1e-12 * np.abs(rise)
         self.seen[...] = d
         old = self.Pr
         self.Pr = self._row_clock()
-        self.Z += np.maximum(np.max(self.Pr - old, axis=1, initial=0.0), 0.0) * (1.0 + 1e-12)
+        if old.shape[1]:
+            rise = np.max(self.Pr - old, axis=1)
+            self.Z += rise + 1e-12 * np.abs(rise)
 
 
 def _changed_rows(old: SparseMDP, new: SparseMDP) -> np.ndarray:

@@ -561,8 +561,9 @@ def sweep(
     numbers that stay valid while d moves, with `cum` an upper bound on the sup-norm distance travelled by d
     since a fixed origin:
       wb: the value of its coupling at some earlier d, minus the row clock Pr[s, a] then. The coupling has row
-          marginal P(.|s, a), so its value rose by at most sum_x P(x|s, a) (path length of row x of d) = the
-          rise of Pr[s, a]; W1 is at most that coupling's value: wb + Pr[s, a] bounds both from above now.
+          marginal P(.|s, a), so over one change of d its value rose by at most sum_x P(x|s, a) max_y (change
+          of d(x, y)) (signed), the change of Pr[s, a]; W1 is at most that coupling's value: wb + Pr[s, a]
+          bounds both from above now.
       G[s, s']: the best competitor's bound then, minus Z[s] then; Z[s] rises by at least every Pr[s, .].
       ex: the basis was proved optimal with smallest off-tree reduced cost `slack`; a cost change of at most
           delta moves a reduced cost by at most 2 min(k, k') delta (the cell plus its tree path), so the basis
