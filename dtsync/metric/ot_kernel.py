@@ -185,29 +185,41 @@ def _greedy_basis(k, kk, p, q, C, codes, order, rs, rd, row_on, col_on) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _corner_basis(k, kk, p, q, codes, rs, rd) -> None:
-    """North-west corner basis (cost-blind, no cost read), in leaf-peeling order like `_greedy_basis`."""
+def _corner_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, cr, cd, rs, rd, flow, d) -> float:
+    """North-west corner basis (cost-blind, no cost read) of problem (s, s2, a), written in leaf-peeling order like
+    `_greedy_basis`; in the same pass its flows (as `_coupling_value` derives them) into `flow` and its value
+    <pi, d>, returned. Indexes the big arrays directly, like `_coupling_value`."""
     for i in range(k):
-        rs[i] = p[i]
+        cr[i] = p1[s, a, i]
+        rs[i] = cr[i]
     for j in range(kk):
-        rd[j] = q[j]
+        cd[j] = p2[s2, a, j]
+        rd[j] = cd[j]
     i = 0
     j = 0
     n = k + kk - 1
+    value = 0.0
     for pos in range(n):
-        f = min(rs[i], rd[j])
-        rs[i] -= f
-        rd[j] -= f
+        f = min(cr[i], cd[j])
+        cr[i] -= f
+        cd[j] -= f
         code = (i * STRIDE + j) << 1
         # Cross out the row (leaf end: row) unless it is the last row, else the column; the last cell closes both.
-        if pos == n - 1 or ((rs[i] <= rd[j] and i < k - 1) or j == kk - 1):
-            codes[pos] = code | 1
+        row_leaf = pos == n - 1 or ((cr[i] <= cd[j] and i < k - 1) or j == kk - 1)
+        g = rs[i] if row_leaf else rd[j]
+        flow[pos] = g
+        rs[i] -= g
+        rd[j] -= g
+        value += g * d[idx1[s, a, i], idx2[s2, a, j]]
+        if row_leaf:
+            codes[s, s2, a, pos] = code | 1
             i = min(i + 1, k - 1)
         else:
-            codes[pos] = code
+            codes[s, s2, a, pos] = code
             j += 1
-    for pos in range(n, codes.shape[0]):
-        codes[pos] = -1
+    for pos in range(n, codes.shape[3]):
+        codes[s, s2, a, pos] = -1
+    return value
 
 
 @njit(cache=True, nogil=True)
@@ -262,6 +274,12 @@ def _optimize(k, kk, p, q, C, codes, w):
     """
     n = k + kk - 1
     cells, mark, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack, order, depth, start, adj = w
+    if n == k * kk:  # a single row or column: every cell is basic, the only coupling
+        value = 0.0
+        for pos in range(n):
+            c = codes[pos] >> 1
+            value += flow[pos] * C[(c // STRIDE) * kk + c % STRIDE]
+        return value, 0, 0, np.inf
     cmax = 0.0
     for t in range(k * kk):
         if C[t] > cmax:
@@ -484,8 +502,7 @@ def _sweep_row(
             fits = not np.isnan(value)
             if not fits and not exact:
                 # A placeholder coupling (cost-blind, cheap); ex = -inf marks it for a greedy rebuild.
-                _corner_basis(k, kk, p1[s, a, :k], p2[s2, a, :kk], codes[s, s2, a], w[5], w[6])
-                value = _coupling_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, w[5], w[6], flow, d)
+                value = _corner_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, w[3], w[4], w[5], w[6], flow, d)
                 ex[s, s2, a] = -np.inf
             if exact and (not fits or not cum < ex[s, s2, a]):
                 cb = codes[s, s2, a]
@@ -497,7 +514,7 @@ def _sweep_row(
                     row = d[ix[i]]
                     for j in range(kk):
                         C[i * kk + j] = row[iy[j]]
-                if not fits or ex[s, s2, a] == -np.inf:
+                if not fits or (ex[s, s2, a] == -np.inf and n < k * kk):  # a single row or column: the one basis
                     _greedy_basis(k, kk, pa, qa, C, cb, w[14], w[5], w[6], w[9], w[10])
                     _flows(cb, n, pa, qa, w[5], w[6], flow)
                 value, piv, status, slack = _optimize(k, kk, pa, qa, C, cb, w)
