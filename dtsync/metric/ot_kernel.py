@@ -504,7 +504,10 @@ def _sweep_row(
                 # A placeholder coupling (cost-blind, cheap); ex = -inf marks it for a greedy rebuild.
                 value = _corner_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, w[3], w[4], w[5], w[6], flow, d)
                 ex[s, s2, a] = -np.inf
-            if exact and (not fits or not cum < ex[s, s2, a]):
+            # Solve to optimality only if it may win: the stored coupling's value bounds W1 from above, so an
+            # action it already puts at or below the best exact term found is dominated as it stands.
+            dominated = fits and abs(R1[s, a] - R2[s2, a]) + gamma * value <= best
+            if exact and (not fits or not cum < ex[s, s2, a]) and not dominated:
                 cb = codes[s, s2, a]
                 pa = p1[s, a, :k]
                 qa = p2[s2, a, :kk]
