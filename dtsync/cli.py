@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from tqdm import tqdm
 
-from dtsync.config import Config, ConfigError, default_config, load_config
+from dtsync.config import Config, ConfigError, MqttSettings, broker_settings, default_config, load_config
 from dtsync.monitor import Report
 
 app = typer.Typer(
@@ -322,10 +322,11 @@ def publish(
                f"({total / max(result.seconds, 1e-9):,.0f}/s); skipped {result.skipped} invalid lines")  # fmt: skip
 
 
-def _mqtt_settings(config: Path | None, host: str | None, port: int | None) -> Any:
-    settings = _load(config).mqtt if config is not None else default_config().mqtt
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    return settings.model_copy(update=overrides)
+def _mqtt_settings(config: Path | None, host: str | None, port: int | None) -> MqttSettings:
+    try:
+        return broker_settings(config, host, port)
+    except ConfigError as e:
+        _fail(str(e))
 
 
 @app.command()

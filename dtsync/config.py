@@ -481,6 +481,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config({} if data is None else data, source=name)
 
 
+def broker_settings(
+    path: str | os.PathLike[str] | None, host: str | None = None, port: int | None = None
+) -> MqttSettings:
+    """The `mqtt` section of a config file (defaults without one), with --host/--port overrides: how the CLI
+    companions (publish, watch, testbed publish) reach the broker the daemon uses."""
+    settings = (load_config(path) if path is not None else default_config()).mqtt
+    return settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+
+
 def default_config() -> Config:
     """Built-in defaults, no cells: what ``dtsync replay`` runs with when no --config is given."""
     return parse_config({})

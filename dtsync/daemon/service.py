@@ -19,7 +19,7 @@ import gc
 import signal
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class Daemon:
             for twin in before - set(mon.twins):
                 self._forget_twin(cell, twin)
             self.metrics.declare(cell, [t for t in mon.twins if t not in before], (), time.time())
-            self._publish_initial_status(cell, only_new=before)
+            self._publish_initial_status(cell, skip=before)
         self.config = new
         self.metrics.schedule_seconds.set(new.schedule.every_seconds or 0)
         log.info("reloaded", cells={c: list(mon.twins) for c, mon in self.monitors.items()})
@@ -396,10 +396,10 @@ class Daemon:
             "last_event_id": self._last_event.get((report.cell, report.twin)), "instance": self.instance,
         }  # fmt: skip
 
-    def _publish_initial_status(self, cell: str, only_new: set[str] | None = None) -> None:
-        """`warming` for twins with no evaluation yet (new twins only, after a reload)."""
+    def _publish_initial_status(self, cell: str, skip: Collection[str] = ()) -> None:
+        """`warming` for twins with no evaluation yet, except those in `skip` (after a reload: the old twins)."""
         for twin in self.monitors[cell].twins:
-            if (cell, twin) in self._status or (only_new is not None and twin in only_new):
+            if (cell, twin) in self._status or twin in skip:
                 continue
             status = {"cell": cell, "twin": twin, "state": "warming", "mismatch": None, "last_event_id": None,
                       "time": time.time(), "instance": self.instance}  # fmt: skip

@@ -92,15 +92,14 @@ def publish(
 
     import aiomqtt
 
-    from dtsync.config import default_config, load_config
+    from dtsync.config import broker_settings
     from dtsync.daemon.publish import publish_items
 
     params, switch = _source(preset_name, config, switch_at, switch_to)
     try:
-        settings = (load_config(mqtt_config) if mqtt_config is not None else default_config()).mqtt
+        settings = broker_settings(mqtt_config, host, port)
     except ConfigError as e:
         _fail(str(e))
-    settings = settings.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     source = transitions(params, steps=steps, seed=seed, start_time=time.time(), step_seconds=1.0 / rate,
                          switch=switch)  # fmt: skip
     try:
