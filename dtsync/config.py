@@ -170,7 +170,12 @@ class MqttSettings(_Section):
     max_payload_bytes: int = Field(default=1_048_576, ge=64)
     max_batch: int = Field(default=100_000, ge=1)
     reconnect_min_seconds: float = Field(default=0.5, gt=0)
-    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    # A short cap: after an outage of any length the daemon is back within this long of the broker's return
+    # (with 30 s it measured 16-21 s; a reconnect attempt costs one TCP handshake).
+    reconnect_max_seconds: float = Field(default=4.0, gt=0)
+    # The retained liveness is re-published this often, with a v5 message expiry of 3x this (and a timestamp
+    # for 3.1.1 consumers), so a stale `online` cannot outlive the daemon by more than that.
+    liveness_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -235,13 +240,17 @@ class MetricsSettings(_Section):
 
 
 class DaemonSettings(_Section):
-    """The service: ``instance`` names this monitor in topics and events; where the outbox lives; when a
-    stream counts as stale (``/healthz``); how many threads compute the metric; logging."""
+    """The service: ``instance`` names this monitor in topics and events; where the outbox and the state
+    snapshots live; when a stream or a twin counts as stale (``/healthz``); how many worker processes compute
+    the metric; how far a transition's ``t`` may be from the receive clock; logging."""
 
     instance: Name = "default"
     outbox_path: Path | None = None
+    state_path: Path | None = None
+    snapshot_seconds: float = Field(default=30.0, gt=0)
     stale_seconds: float = Field(default=60.0, gt=0)
-    workers: int = Field(default=2, ge=1)
+    workers: int | None = Field(default=None, ge=1)
+    max_clock_skew_seconds: float | None = Field(default=300.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -249,8 +258,26 @@ class DaemonSettings(_Section):
         """Where the event outbox lives: ``outbox_path``, else systemd's ``$STATE_DIRECTORY``, else the cwd."""
         if self.outbox_path is not None:
             return Path(os.path.expandvars(str(self.outbox_path)))
-        state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        return Path(state_dir or ".") / f"dtsync-outbox-{self.instance}.sqlite"
+        return _state_directory() / f"dtsync-outbox-{self.instance}.sqlite"
+
+    def state_file(self) -> Path:
+        """Where window/trigger snapshots go: ``state_path``, else beside the outbox (``$STATE_DIRECTORY``)."""
+        if self.state_path is not None:
+            return Path(os.path.expandvars(str(self.state_path)))
+        return self.outbox_file().parent / f"dtsync-state-{self.instance}.snapshot"
+
+    def worker_count(self) -> int:
+        """``workers``, else one per core this process may run on (each worker runs numba on one thread)."""
+        if self.workers is not None:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+
+
+def _state_directory() -> Path:
+    return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or ".")
 
 
 class TwinOverrides(_Section):
@@ -325,7 +352,10 @@ class Config(_MetricFields):
     """The whole configuration: from :func:`load_config`, :func:`parse_config` or :func:`default_config`."""
 
     schedule: ScheduleSettings = ScheduleSettings(every_seconds=5.0, every_transitions=500)
-    max_states: int = Field(default=4096, ge=1)
+    # Caps on distinct labels per cell (reason too_many_labels beyond): the metric's arrays are dense in
+    # states x actions x states, so these bound an evaluation's memory; README "Reliability" has the figures.
+    max_states: int = Field(default=256, ge=1)
+    max_actions: int = Field(default=16, ge=1)
     cells: dict[Name, CellSettings] = Field(default_factory=dict)
     mqtt: MqttSettings = MqttSettings()
     metrics: MetricsSettings = MetricsSettings()

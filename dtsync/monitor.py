@@ -201,7 +201,9 @@ class CellMonitor:
         self.event_namespace = event_namespace
         twins = list(config.cells[cell].twins)
         first = config.twin_settings(cell, twins[0])
-        self.encoding = CellEncoding(StateEncoder(first.bins), max_states=config.max_states)
+        self.encoding = CellEncoding(
+            StateEncoder(first.bins), max_states=config.max_states, max_actions=config.max_actions
+        )
         self.real = _window(first.real_window)
         self.twins: dict[str, TwinMonitor] = {}
         for name in twins:
@@ -336,6 +338,13 @@ class CellMonitor:
         """Its computation landed: `due` considers it again from the next call."""
         if twin in self.twins:
             self.twins[twin].busy = False
+        self._quiet_adds, self._quiet_until = 0.0, -math.inf
+
+    def retry(self, twin: str) -> None:
+        """Its computation failed (a worker died): due again at once, with the transitions it had."""
+        tm = self.twins[twin]
+        tm.new_transitions = max(tm.new_transitions, len(self.real) + len(tm.window), 1)
+        tm.last_eval_t = None
         self._quiet_adds, self._quiet_until = 0.0, -math.inf
 
     def snapshot(self, twin: str, now: float) -> Snapshot:

@@ -111,7 +111,8 @@ def test_configured_series_exist_before_any_data(tmp_path: Path) -> None:
     import asyncio
 
     from dtsync.config import parse_config
-    from dtsync.daemon.service import REJECT_REASONS_ALL, Daemon
+    from dtsync.daemon.ingest import REJECT_REASONS_ALL
+    from dtsync.daemon.service import Daemon
 
     config = parse_config({"cells": {"c": {"twins": {"t": {}}}},
                            "daemon": {"outbox_path": str(tmp_path / "o.sqlite")}})  # fmt: skip
@@ -126,4 +127,7 @@ def test_configured_series_exist_before_any_data(tmp_path: Path) -> None:
     assert 'dtsync_twin_state{cell="c",dtsync_twin_state="warming",twin="t"} 1.0' in text
     assert all(f'dtsync_rejected_total{{reason="{r}"}} 0.0' in text for r in REJECT_REASONS_ALL)
     assert 'dtsync_last_transition_timestamp_seconds{cell="c",stream="t"}' in text
+    assert 'dtsync_last_evaluation_timestamp_seconds{cell="c",twin="t"}' in text
+    assert "dtsync_worker_restarts_total 0.0" in text
     daemon.outbox.close()
+    daemon.pool.shutdown()

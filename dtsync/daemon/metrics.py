@@ -14,10 +14,10 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from dtsync import __version__
 from dtsync.monitor import Report
@@ -79,6 +79,9 @@ class DaemonMetrics:
         self.events_expired = Counter(
             "dtsync_events_expired", "Resync events dropped unsent because their deadline passed.", registry=r
         )
+        self.worker_restarts = Counter(
+            "dtsync_worker_restarts", "Metric worker processes that died and were replaced.", registry=r
+        )
         Info("dtsync_build", "Version of the running daemon.", registry=r).info(
             {"version": __version__, "daemon_instance": instance}
         )
@@ -90,6 +93,7 @@ class DaemonMetrics:
             self.resync_events.labels(cell, twin)
             self.evaluations_deferred.labels(cell, twin)
             self.twin_state.labels(cell, twin).state("warming")
+            self.last_evaluation.labels(cell, twin).set(since)  # never evaluated reads as stale from `since`
         for stream in ("real", *twins):
             self.transitions.labels(cell, stream)
             self.last_transition.labels(cell, stream).set(since)
@@ -131,6 +135,21 @@ class DaemonMetrics:
             except KeyError:
                 pass
 
+    def forget_stream(self, cell: str, stream: str) -> None:
+        """Drop a removed stream's series, so its staleness alert does not fire forever."""
+        for metric in (self.transitions, self.last_transition):
+            try:
+                metric.remove(cell, stream)
+            except KeyError:
+                pass
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr (the daemon logs through structlog)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
 
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -152,7 +171,7 @@ class MetricsServer:
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server = type("MetricsWSGIServer", (ThreadingWSGIServer,), {"address_family": family})
-        self._httpd = make_server(host, port, app, server, handler_class=_SilentHandler)
+        self._httpd = make_server(host, port, app, server, handler_class=_QuietHandler)
         self.port = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="dtsync-metrics", daemon=True)
 

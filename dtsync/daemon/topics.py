@@ -5,6 +5,7 @@
     <prefix>/<cell>/twin/<twin>/resync        resync events (QoS 1, not retained)
     <prefix>/<cell>/twin/<twin>/status        per-twin status (retained)
     <prefix>/_daemon/<instance>/status        daemon liveness: online / offline (retained, last will)
+    <prefix>/_daemon/<instance>/heartbeat     {"state", "time", "every_seconds", "expires_at"} (retained)
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Topics:
 
     def daemon_status(self, instance: str) -> str:
         return f"{self.prefix}/_daemon/{instance}/status"
+
+    def daemon_heartbeat(self, instance: str) -> str:
+        return f"{self.prefix}/_daemon/{instance}/heartbeat"
 
     def telemetry_filters(self, cell: str) -> list[str]:
         """What a daemon serving `cell` subscribes to: its real stream and every twin stream (known or not,
