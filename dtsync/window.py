@@ -1,18 +1,17 @@
-"""Sliding-window empirical MDP: the last transitions of a stream, kept as counts ready for the metric.
+"""Sliding-window empirical MDP: the last transitions of a stream, turned into the arrays the metric needs.
 
-Estimates (Tao et al., theory.md):  P_hat(x|s,a) = N(s,a,x) / N(s,a),  R_hat(s,a) = mean observed reward.
+Estimates (Tao et al.):  P_hat(x|s,a) = N(s,a,x) / N(s,a),  R_hat(s,a) = mean observed reward.
 
-Storage: the window lives in five numpy columns (s, a, s', r, t; 40 bytes a sample) used as a queue: eviction
-advances a head index; the live part is moved to the front when the buffer is full (and the buffer shrinks when
-mostly empty), so memory stays proportional to the window. Beside it, dense counts N(s,a,s'), N(s,a) and reward
-sums, grown as the state space grows (the size of the empirical model the metric needs anyway). Adding or evicting
-a transition is an O(1) update of those counts, done by a compiled loop, so a batch of a thousand transitions costs
-one call rather than a thousand Python steps.
+Storage is the transitions themselves and nothing else: five numpy columns (s, a, s', r, t; 40 bytes a sample)
+used as a queue. Eviction advances a head index; the live part is moved to the front when the buffer is full
+(and the buffer shrinks when mostly empty), so memory follows the transitions held — at most about 4 x 40 bytes
+per sample of the bound — however many distinct labels they carry. (Dense counts N(s,a,s') beside the queue
+cost states x actions x states whatever the window held: 4,096 fresh action labels made one 128 MiB.)
 
-Reward sums use Neumaier-compensated addition and subtraction and are reset to exactly 0 whenever an (s,a) pair
-leaves the window, so long add/evict sequences do not accumulate drift (tests require 1e-9 against a fresh
-recount, and 1e-12 after 1e12-sized rewards passed through). :meth:`SlidingWindow.halves` recounts from the
-columns with ``np.bincount`` instead: vectorised, and drift-free by construction.
+Counts are taken when the metric needs them (:meth:`SlidingWindow.to_mdp`, :meth:`SlidingWindow.halves`), by
+``np.bincount`` over the live columns: O(window + S * A * S) per evaluation — the dense output the metric
+takes anyway — vectorised, and drift-free by construction (reward sums are recomputed from the rewards held,
+so values that passed through the window leave no rounding behind).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 __all__ = ["EmpiricalMDP", "SlidingWindow"]
 
@@ -67,38 +65,12 @@ class EmpiricalMDP:
         )
 
 
-@njit(cache=True, nogil=True)
-def _count(s, a, sn, r, lo, hi, sign, n_sas, n_sa, rsum, rcomp):  # type: ignore[no-untyped-def]
-    """Add (sign=+1) or remove (sign=-1) samples lo..hi-1 of the columns from the counts.
-
-    Reward sums are Neumaier-compensated; an (s, a) whose count reaches 0 is reset to exactly 0.
-    """
-    for i in range(lo, hi):
-        si = s[i]
-        ai = a[i]
-        n_sas[si, ai, sn[i]] += sign
-        n = n_sa[si, ai] + sign
-        n_sa[si, ai] = n
-        if n == 0:
-            rsum[si, ai] = 0.0
-            rcomp[si, ai] = 0.0
-        else:
-            x = sign * r[i]
-            old = rsum[si, ai]
-            total = old + x
-            if abs(old) >= abs(x):
-                rcomp[si, ai] += (old - total) + x
-            else:
-                rcomp[si, ai] += (x - total) + old
-            rsum[si, ai] = total
-
-
-@njit(cache=True, nogil=True)
-def _first_not_older(t, head, end, cutoff):  # type: ignore[no-untyped-def]
+def _first_not_older(t: np.ndarray, head: int, end: int, cutoff: float) -> int:
     """Index of the first sample from `head` on that is not older than `cutoff` (eviction is in arrival order)."""
-    while head < end and t[head] < cutoff:
-        head += 1
-    return head
+    if head >= end or t[head] >= cutoff:
+        return head
+    older = np.flatnonzero(t[head:end] >= cutoff)
+    return head + int(older[0]) if older.size else end
 
 
 class SlidingWindow:
@@ -124,10 +96,6 @@ class SlidingWindow:
         self._end = 0  # buffer index after the newest
         self._base = 0  # arrival number of buffer index 0 (fixes each sample's half, see halves())
         self._now = -math.inf
-        self._n_sas = np.zeros((0, 0, 0), dtype=np.int64)
-        self._n_sa = np.zeros((0, 0), dtype=np.int64)
-        self._rsum = np.zeros((0, 0))
-        self._rcomp = np.zeros((0, 0))
 
     def _alloc_columns(self, capacity: int) -> None:
         self._s = np.empty(capacity, dtype=np.int64)
@@ -145,6 +113,11 @@ class SlidingWindow:
             yield int(self._s[i]), int(self._a[i]), float(self._r[i]), int(self._sn[i]), float(self._t[i])
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by the window: its columns (40 bytes a slot, at most ~4 slots per transition held)."""
+        return sum(col.nbytes for col in (self._s, self._a, self._sn, self._r, self._t))
+
+    @property
     def first_time(self) -> float | None:
         """Time of the oldest sample in the window (None if empty)."""
         return float(self._t[self._head]) if len(self) else None
@@ -155,27 +128,12 @@ class SlidingWindow:
         return float(self._t[self._end - 1]) if len(self) else None
 
     def add(self, s: int, a: int, r: float, s_next: int, t: float) -> None:
-        """Append one transition, then evict beyond ``max_count`` and older than ``max_seconds``.
-
-        The same update as :meth:`extend` on one item, in plain Python: for a single transition that is
-        several times cheaper than handing arrays to the compiled loop.
-        """
+        """Append one transition, then evict beyond ``max_count`` and older than ``max_seconds``."""
         if s < 0 or a < 0 or s_next < 0:
             raise ValueError("state and action indices must be >= 0")
         self._make_room(1)
         i = self._end
         self._s[i], self._a[i], self._sn[i], self._r[i], self._t[i] = s, a, s_next, r, t
-        self._grow_model(max(s, s_next) + 1, a + 1)
-        self._n_sas[s, a, s_next] += 1
-        n = int(self._n_sa[s, a]) + 1
-        self._n_sa[s, a] = n
-        old = float(self._rsum[s, a])
-        total = old + r
-        if abs(old) >= abs(r):
-            self._rcomp[s, a] += (old - total) + r
-        else:
-            self._rcomp[s, a] += (r - total) + old
-        self._rsum[s, a] = total
         self._end = i + 1
         if t > self._now:
             self._now = t
@@ -198,8 +156,6 @@ class SlidingWindow:
         self._sn[lo:hi] = s_next
         self._r[lo:hi] = r
         self._t[lo:hi] = t
-        self._grow_model(max(max(s), max(s_next)) + 1, max(a) + 1)
-        _count(self._s, self._a, self._sn, self._r, lo, hi, 1, self._n_sas, self._n_sa, self._rsum, self._rcomp)
         self._end = hi
         newest = float(self._t[lo:hi].max())
         if newest > self._now:
@@ -222,28 +178,10 @@ class SlidingWindow:
         self._evict()
 
     def to_mdp(self, n_states: int, n_actions: int) -> EmpiricalMDP:
-        """Dense MDP from the counts, O(S * A * S); ``n_states``/``n_actions`` may exceed the indices seen
-        (the state space grows), never fall short of them (ValueError)."""
-        S, A = n_states, n_actions
-        n_sa = self._n_sa
-        if n_sa[S:].any() or n_sa[:, A:].any():
-            raise ValueError(f"indices outside {n_states} states x {n_actions} actions")
-        s_cap, a_cap = min(S, n_sa.shape[0]), min(A, n_sa.shape[1])
-        N = np.zeros((S, A), dtype=np.int64)
-        N[:s_cap, :a_cap] = n_sa[:s_cap, :a_cap]
-        if self._n_sas[:s_cap, :a_cap, S:].any():
-            raise ValueError(f"indices outside {n_states} states x {n_actions} actions")
-        known = N > 0
-        sums = np.zeros((S, A))
-        sums[:s_cap, :a_cap] = self._rsum[:s_cap, :a_cap] + self._rcomp[:s_cap, :a_cap]
-        R = np.divide(sums, N, out=np.zeros((S, A)), where=known)
-        P = np.zeros((S, A, S))
-        P[:s_cap, :a_cap, :s_cap] = self._n_sas[:s_cap, :a_cap, :s_cap]
-        np.divide(P, N[:, :, None], out=P, where=known[:, :, None])
-        if not len(self):
-            return EmpiricalMDP(R, P, N, 0, math.nan, math.nan)
-        rewards = self._r[self._head : self._end]
-        return EmpiricalMDP(R, P, N, len(self), float(rewards.min()), float(rewards.max()))
+        """Dense MDP counted from the window, O(window + S * A * S); ``n_states``/``n_actions`` may exceed the
+        indices held (the state space grows), never fall short of them (ValueError)."""
+        live = slice(self._head, self._end)
+        return _mdp_from_columns(self._s[live], self._a[live], self._r[live], self._sn[live], n_states, n_actions)
 
     def halves(self, n_states: int, n_actions: int) -> tuple[EmpiricalMDP, EmpiricalMDP]:
         """Two MDPs from the even- and odd-numbered samples (by arrival number) of the window.
@@ -278,22 +216,6 @@ class SlidingWindow:
         self._base += self._head
         self._head, self._end = 0, live
 
-    def _grow_model(self, n_states: int, n_actions: int) -> None:
-        """Grow the dense counts (doubling) to cover state index n_states - 1 and action n_actions - 1."""
-        s_cap, a_cap = self._n_sa.shape
-        if n_states <= s_cap and n_actions <= a_cap:
-            return
-        S = max(s_cap, 1 << (n_states - 1).bit_length()) if n_states > s_cap else s_cap
-        A = max(a_cap, 1 << (n_actions - 1).bit_length()) if n_actions > a_cap else a_cap
-        n_sas = np.zeros((S, A, S), dtype=np.int64)
-        n_sas[:s_cap, :a_cap, :s_cap] = self._n_sas
-        self._n_sas = n_sas
-        for name in ("_n_sa", "_rsum", "_rcomp"):
-            old = getattr(self, name)
-            new = np.zeros((S, A), dtype=old.dtype)
-            new[:s_cap, :a_cap] = old
-            setattr(self, name, new)
-
     def _evict(self) -> None:
         head, end = self._head, self._end
         new_head = head
@@ -302,8 +224,6 @@ class SlidingWindow:
         if self.max_seconds is not None:
             new_head = _first_not_older(self._t, new_head, end, self._now - self.max_seconds)
         if new_head > head:
-            _count(self._s, self._a, self._sn, self._r, head, new_head, -1,
-                   self._n_sas, self._n_sa, self._rsum, self._rcomp)  # fmt: skip
             self._head = new_head
         if self._head == self._end:
             self._base += self._head

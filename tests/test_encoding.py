@@ -111,3 +111,17 @@ def test_cell_encoding_capacity() -> None:
     with pytest.raises(CapacityError):
         cell.encode(Transition(1, 9, 0.0, 2))
     assert len(cell.states) == 2 and len(cell.actions) == 1
+
+
+def test_action_labels_are_capped_per_cell() -> None:
+    """`max_actions` bounds a cell's action labels: a new one beyond it is refused as too_many_labels."""
+    from dtsync.config import parse_config
+    from dtsync.contract import Transition
+    from dtsync.monitor import CellMonitor
+
+    config = parse_config({"max_actions": 2, "max_states": 3, "cells": {"c": {"twins": {"t": {}}}}})
+    monitor = CellMonitor("c", config)
+    results = [monitor.add("real", Transition(s=0, a=a, r=0.0, s_next=1), float(i)) for i, a in enumerate("xyzx")]
+    assert results == [None, None, "too_many_labels", None]
+    assert monitor.add("real", Transition(s=2, a="x", r=0.0, s_next=3), 5.0) == "too_many_labels"  # 4th state
+    assert len(monitor.real) == 3

@@ -212,3 +212,17 @@ def test_state_space_grows_while_running() -> None:
     assert mdp.N[700, 5] == 1 and mdp.P[700, 5, 3] == 1.0 and mdp.P[0, 0, 1] == 1.0
     with pytest.raises(ValueError):
         w.extend([-1], [0], [0.0], [0], [2.0])
+
+
+def test_memory_follows_the_transitions_held_not_the_labels() -> None:
+    """10,000 distinct states and 4,096 distinct actions cost a window no more than two labels do."""
+    few, many = SlidingWindow(max_count=5000), SlidingWindow(max_count=5000)
+    for lo in range(0, 20_000, 1000):  # in batches: one batch is held whole before eviction
+        idx = np.arange(lo, lo + 1000)
+        few.extend([0] * 1000, [0] * 1000, [0.5] * 1000, [1] * 1000, list(map(float, idx)))
+        many.extend(list(idx % 10_000), list(idx % 4096), [0.5] * 1000, list((idx + 1) % 10_000),
+                    list(map(float, idx)))  # fmt: skip
+    assert len(few) == len(many) == 5000
+    assert many.nbytes == few.nbytes <= 4 * 40 * 5000
+    mdp = few.to_mdp(2, 1)  # counted on demand, from the transitions held
+    assert mdp.samples == 5000 and int(mdp.N[0, 0]) == 5000 and mdp.P[0, 0, 1] == 1.0
