@@ -50,6 +50,15 @@ class Indexer:
             self.labels.append(label)
         return i
 
+    def restore(self, labels: Sequence[Hashable]) -> None:
+        """Start over with `labels` as indices 0..n-1 (a state snapshot); ValueError if they do not fit."""
+        if self.max_size is not None and len(labels) > self.max_size:
+            raise ValueError(f"{len(labels)} labels do not fit in {self.max_size}")
+        ids = {label: i for i, label in enumerate(labels)}
+        if len(ids) != len(labels):
+            raise ValueError("repeated labels")
+        self._ids, self.labels = ids, list(labels)
+
     def get(self, label: Hashable) -> int | None:
         """Index of ``label`` or None, without adding it."""
         return self._ids.get(label)

@@ -158,3 +158,12 @@ class Trigger:
         self.armed = False
         self.last_fired_t = ev.t
         return Decision(True, "drifted", value, f"{label} >= threshold {rule.threshold:.4g} ({rule.act_on})")
+
+    def state(self) -> tuple[bool, float | None]:
+        """(armed, last_fired_t): what a restart must restore so that a twin still drifted does not fire again."""
+        return self.armed, self.last_fired_t
+
+    def restore(self, armed: bool, last_fired_t: float | None) -> None:
+        """Set the state saved by :meth:`state` (the rule stays the current one)."""
+        self.armed = bool(armed)
+        self.last_fired_t = None if last_fired_t is None else float(last_fired_t)

@@ -200,6 +200,31 @@ class SlidingWindow:
             _mdp_from_columns(s[odd], a[odd], r[odd], sn[odd], n_states, n_actions),
         )
 
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the live (s, a, s_next, r, t) columns, oldest first (for state snapshots)."""
+        live = slice(self._head, self._end)
+        return tuple(col[live].copy() for col in (self._s, self._a, self._sn, self._r, self._t))  # type: ignore[return-value]
+
+    @property
+    def arrivals(self) -> int:
+        """Arrival number of the oldest sample held (fixes each sample's half across a snapshot/restore)."""
+        return self._base + self._head
+
+    def restore(self, s: np.ndarray, a: np.ndarray, s_next: np.ndarray, r: np.ndarray, t: np.ndarray,
+                arrivals: int, now: float) -> None:  # fmt: skip
+        """Replace the content with saved columns (see :meth:`columns`), then evict to the current bounds."""
+        n = len(s)
+        if not len(a) == len(s_next) == len(r) == len(t) == n:
+            raise ValueError("columns of unequal length")
+        if n and min(int(s.min()), int(a.min()), int(s_next.min())) < 0:
+            raise ValueError("state and action indices must be >= 0")
+        self._alloc_columns(max(_MIN_CAPACITY, 1 << (2 * n).bit_length()))
+        for col, data in zip((self._s, self._a, self._sn, self._r, self._t), (s, a, s_next, r, t), strict=True):
+            col[:n] = data
+        self._head, self._end, self._base = 0, n, int(arrivals)
+        self._now = max(float(now), float(t.max()) if n else -math.inf)
+        self._evict()
+
     def _make_room(self, n: int) -> None:
         """Ensure n free slots after the end: move the live part to the front, growing or shrinking the buffer
         so that it stays within a small factor of the window."""

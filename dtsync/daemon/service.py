@@ -29,6 +29,7 @@ import structlog
 
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
+from dtsync.daemon import state
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.connection import Connection
 from dtsync.daemon.delivery import Delivery
@@ -83,8 +84,46 @@ class Daemon:
                                  self.scheduler.last_evaluated, lambda: self.link.client is not None)  # fmt: skip
         self.outbox = Outbox(settings.outbox_file())
         self.delivery = Delivery(self.outbox, self.metrics, lambda: self.link.client, config.mqtt)
+        self.state_path = settings.state_file()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
+        self._restore()
+
+    # --- state snapshots ----------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Windows, labels, triggers and the event namespace from the last good snapshot, if any."""
+        try:
+            saved = state.read(self.state_path)
+            if saved is None:
+                return
+            clocks, last_events = state.apply(saved, self.monitors, self.delivery.pending_for())
+        except Exception as e:  # whatever is wrong with the file, start fresh rather than crash-loop
+            log.error("state snapshot not restored; starting fresh", path=str(self.state_path), error=repr(e))
+            return
+        self.namespace = uuid.UUID(saved.namespace)
+        mono = time.monotonic()
+        for cell, t in clocks.items():
+            self.ingest.clock[cell] = (t, mono)
+        self.board.last_event.update(last_events)
+        log.info("state restored", path=str(self.state_path), age_seconds=round(time.time() - saved.saved_at, 1),
+                 twins=[f"{c}/{t}" for c, t in state.restored_twins(self.monitors, saved)])  # fmt: skip
+
+    def save_state(self) -> None:
+        """Write a snapshot now (periodically, after an event is raised, and on a clean stop)."""
+        clocks = {cell: self.ingest.stream_time(cell) for cell in self.ingest.clock if cell in self.monitors}
+        started = time.perf_counter()
+        try:
+            state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event))
+        except OSError as e:
+            log.error("state snapshot not written", path=str(self.state_path), error=str(e))
+            return
+        self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+
+    async def _snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(self.daemon_settings.snapshot_seconds)
+            self.save_state()
 
     # --- life cycle ---------------------------------------------------------------------------------------
 
@@ -112,10 +151,11 @@ class Daemon:
                 connection = group.create_task(self.link.run(), name="connection")
                 background = [group.create_task(coro, name=name) for name, coro in (
                     ("ticker", self._ticker()), ("outbox-retry", self.delivery.retry_forever()),
-                    ("liveness", self.link.liveness_forever()))]  # fmt: skip
+                    ("liveness", self.link.liveness_forever()), ("snapshots", self._snapshots()))]  # fmt: skip
                 await connection  # returns once stopped (clean goodbye done)
                 for task in background:
                     task.cancel()
+            self.save_state()
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError | KeyboardInterrupt):
                 log.critical("daemon task failed; stopping", error=repr(e))
@@ -221,6 +261,7 @@ class Daemon:
         event = PendingEvent(report.event_id, self.topics.resync(report.cell, report.twin), _JSON.encode(payload),
                              expires)  # fmt: skip
         self.delivery.add(event)
+        self.save_state()  # the trigger is now disarmed: a restart must not fire this episode again
         log.warning("resync event", cell=report.cell, twin=report.twin, event_id=report.event_id,
                     mismatch=report.figures.mismatch, reason=report.reason)  # fmt: skip
         self._spawn(self.delivery.send(event))
