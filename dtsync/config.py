@@ -170,9 +170,9 @@ class MqttSettings(_Section):
     max_payload_bytes: int = Field(default=1_048_576, ge=64)
     max_batch: int = Field(default=100_000, ge=1)
     reconnect_min_seconds: float = Field(default=0.5, gt=0)
-    # A short cap: after an outage of any length the daemon is back within this long of the broker's return
-    # (with 30 s it measured 16-21 s; a reconnect attempt costs one TCP handshake).
-    reconnect_max_seconds: float = Field(default=4.0, gt=0)
+    # A short cap: after an outage of any length the daemon is back within about this long of the broker's
+    # return (with 30 s it measured 16-21 s); an attempt against a broker that is down costs one TCP handshake.
+    reconnect_max_seconds: float = Field(default=2.0, gt=0)
     # The retained liveness is re-published this often, with a v5 message expiry of 3x this (and a timestamp
     # for 3.1.1 consumers), so a stale `online` cannot outlive the daemon by more than that.
     liveness_seconds: float = Field(default=30.0, gt=0)

@@ -1,6 +1,6 @@
 """The broker link: connect, subscribe, consume, reconnect; and the liveness that cannot go stale.
 
-Reconnects use exponential backoff with jitter capped at `mqtt.reconnect_max_seconds` (default 4 s), so the
+Reconnects use exponential backoff with jitter capped at `mqtt.reconnect_max_seconds` (default 2 s), so the
 daemon is back within about that long of the broker's return after an outage of any length. A broker that
 refuses the connection (bad credentials, not authorised) or a failed TLS handshake is logged as such, with
 the broker's reason code, at error level (once a minute per kind), rather than as "unreachable".
@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 import msgspec
+import paho.mqtt.client as paho
 import structlog
 
 from dtsync.config import MqttSettings
@@ -34,17 +35,27 @@ log = structlog.get_logger("dtsync.daemon")
 _JSON = msgspec.json.Encoder()
 
 
-def describe_failure(error: aiomqtt.MqttError) -> tuple[str, str]:
-    """(kind, message) for a failed connection: `refused` (CONNACK reason code), `tls`, or `unreachable`."""
-    if isinstance(error, aiomqtt.MqttCodeError) and error.rc not in (None, 0):
+def describe_failure(error: aiomqtt.MqttError, connecting: bool) -> tuple[str, str]:
+    """(kind, message) for a failed connection: `refused` (a CONNACK reason code while `connecting`), `tls`,
+    or `unreachable`."""
+    if connecting and isinstance(error, aiomqtt.MqttCodeError) and error.rc not in (None, 0):
         rc = error.rc
-        code = getattr(rc, "value", rc)
-        return "refused", f"broker refused the connection (reason code {code}: {error})"
+        if isinstance(rc, int):  # MQTT 3.1.1 CONNACK return code
+            code, name = rc, paho.connack_string(rc)
+        else:  # MQTT v5 reason code, e.g. 134 Bad user name or password, 135 Not authorized
+            code, name = rc.value, str(rc)
+        return "refused", f"broker refused the connection: reason code {code} ({name}); check the credentials"
     text = str(error)
     cause = error.__cause__ or error.__context__
     if isinstance(cause, ssl.SSLError) or "SSL" in text or "certificate" in text.lower():
         return "tls", f"TLS handshake with the broker failed: {text}"
     return "unreachable", text
+
+
+def connect_timeout(keepalive: float) -> float:
+    """How long one attempt waits for a CONNACK (and a SUBACK): a frozen broker holds an attempt this long,
+    and paho gives up on a silent socket after about one and a half keepalives anyway."""
+    return min(10.0, max(2.0, 1.5 * keepalive))
 
 
 class Connection:
@@ -71,9 +82,12 @@ class Connection:
         delays = backoff(s.reconnect_min_seconds, s.reconnect_max_seconds)
         will = aiomqtt.Will(self.liveness, b"offline", qos=1, retain=True)
         while not self._stop.is_set():
-            client = make_client(s, client_id=s.client_id or f"dtsync-{self.instance}", will=will)
+            client = make_client(s, client_id=s.client_id or f"dtsync-{self.instance}", will=will,
+                                 timeout=connect_timeout(s.keepalive))  # fmt: skip
+            connecting = True
             try:
                 async with client:
+                    connecting = False
                     self.client = client
                     await self._connected(client)
                     delays = backoff(s.reconnect_min_seconds, s.reconnect_max_seconds)
@@ -81,15 +95,15 @@ class Connection:
                     await self._goodbye(client)
                     return
             except aiomqtt.MqttError as e:
-                self._report(e)
+                self._report(e, connecting)
             finally:
                 self.client = None
                 self.metrics.mqtt_connected.set(0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), next(delays))
 
-    def _report(self, error: aiomqtt.MqttError) -> None:
-        kind, message = describe_failure(error)
+    def _report(self, error: aiomqtt.MqttError, connecting: bool) -> None:
+        kind, message = describe_failure(error, connecting)
         fields = {"host": self.settings.host, "port": self.settings.port, "error": message}
         if kind == "unreachable":
             log.warning("broker connection lost" if self.ever_connected else "broker unreachable", **fields)
