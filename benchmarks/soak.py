@@ -1,0 +1,255 @@
+"""Soak: the real daemon under steady load and broker restarts; memory, descriptors and events over time.
+
+    .venv/bin/python benchmarks/soak.py --seconds 600            # `make soak`
+    .venv/bin/python benchmarks/soak.py --seconds 60 --check     # the CI version (tests/test_daemon_soak.py)
+
+A private Mosquitto (persistence on, so a restart keeps the subscriber's session), `dtsync run` with two cells
+of one twin each, and publisher threads feeding `--rate` transitions/s in batches over the four streams. Each
+twin alternates every `--period` seconds between the real network's behaviour and a reward offset of 1, so its
+trigger fires and re-arms over and over: every firing is a resync event to deliver. The broker is restarted
+every `--restart-every` seconds (SIGTERM, down for `--down` seconds). A persistent-session subscriber collects
+the events.
+
+Every `--sample` seconds it reads VmRSS of the daemon and its workers and the daemon's open descriptors
+(/proc), and prints them; at the end the least-squares slope of each over the second half of the run (after
+warm-up), and events raised (the daemon's dtsync_resync_events_total) against distinct event ids delivered.
+With --check it exits 1 if an event was lost, or if RSS grows faster than --max-rss-slope MiB/min or the
+descriptor count by more than --max-fd-growth over the second half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mqtt_harness import DaemonProcess, Mosquitto, daemon_config, wait_for  # noqa: E402
+
+CELLS = ("cell-a", "cell-b")
+TWIN = "twin"
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def workers(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (per second) of (t, y) points."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
+
+
+class Feeder(threading.Thread):
+    """Publishes batches to every stream at `rate` transitions/s in total; the twins drift every other period."""
+
+    def __init__(self, port: int, rate: float, period: float) -> None:
+        super().__init__(daemon=True)
+        self.rate, self.period = rate, period
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        rng = random.Random(0)
+        batch = 100
+        streams = [(c, s) for c in CELLS for s in ("real", f"twin/{TWIN}")]
+        interval = batch * len(streams) / self.rate
+        started = time.monotonic()
+        k = 0
+        while not self.stop.is_set():
+            drifted = int((time.monotonic() - started) / self.period) % 2 == 1
+            for cell, stream in streams:
+                offset = 1.0 if drifted and stream != "real" else 0.0
+                items = []
+                for _ in range(batch):
+                    s = rng.randrange(4)
+                    a = rng.randrange(2)
+                    items.append({"s": s, "a": a, "r": (s + a) / 5 + offset, "s_next": (s + a + rng.randrange(2)) % 4})
+                self.client.publish(f"dtsync/{cell}/{stream}", json.dumps(items), qos=0)
+                self.sent += batch
+            k += 1
+            time.sleep(max(0.0, started + k * interval - time.monotonic()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(5)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class EventSink:
+    """A persistent-session subscriber: events published while it reconnects are queued by the broker."""
+
+    def __init__(self, port: int) -> None:
+        self.ids: set[str] = set()
+        self.lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="soak-sink", protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe("dtsync/+/twin/+/resync", qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.ids.add(json.loads(msg.payload)["event_id"])
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.ids)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=600)
+    p.add_argument("--rate", type=float, default=5000, help="transitions/s over all four streams")
+    p.add_argument("--period", type=float, default=6.0, help="seconds between drift and back, per twin")
+    p.add_argument("--restart-every", type=float, default=20.0)
+    p.add_argument("--down", type=float, default=2.0)
+    p.add_argument("--sample", type=float, default=2.0)
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--max-rss-slope", type=float, default=5.0, help="MiB per minute, second half")
+    p.add_argument("--max-fd-growth", type=int, default=5, help="descriptors, second half")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="dtsync-soak-") as tmp:
+        workdir = Path(tmp)
+        broker = Mosquitto(workdir)
+        broker.conf.write_text(broker.conf.read_text().replace(
+            "persistence false", f"persistence true\npersistence_location {workdir}/"))  # fmt: skip
+        broker.start()
+        config = daemon_config(broker.port, workdir, window={"count": 2000},
+                               schedule={"every_transitions": 1000, "every_seconds": 1.0},
+                               trigger={"threshold": 0.5, "rearm_below": 0.3, "cooldown_seconds": 0,
+                                        "min_samples": 500, "act_on": "point"},
+                               cells={c: {"twins": {TWIN: {}}} for c in CELLS},
+                               daemon={"workers": 2, "snapshot_seconds": 5.0,
+                                       "max_clock_skew_seconds": 300})  # fmt: skip
+        config["mqtt"] = {"host": "127.0.0.1", "port": broker.port}  # default backoff
+        daemon = DaemonProcess(workdir, config)
+        sink = feeder = None
+        try:
+            daemon.wait_connected(60)
+            sink = EventSink(broker.port)
+            feeder = Feeder(broker.port, args.rate, args.period)
+            feeder.start()
+            started = time.monotonic()
+            next_restart = started + args.restart_every
+            rss: list[tuple[float, float]] = []
+            fds: list[tuple[float, float]] = []
+            restarts = 0
+            print(f"{'t (s)':>6} {'RSS daemon':>11} {'RSS workers':>12} {'fds':>5} {'raised':>7} {'delivered':>10}")
+            while (now := time.monotonic()) - started < args.seconds:
+                if now >= next_restart:
+                    broker.stop()
+                    time.sleep(args.down)
+                    broker.start()
+                    restarts += 1
+                    next_restart = time.monotonic() + args.restart_every
+                pid = daemon.proc.pid
+                total = rss_mib(pid) + sum(rss_mib(w) for w in workers(pid))
+                n_fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+                t = now - started
+                rss.append((t, total))
+                fds.append((t, n_fds))
+                raised = sum(daemon.metric("dtsync_resync_events_total", cell=c, twin=TWIN) or 0 for c in CELLS)
+                print(f"{t:6.0f} {rss_mib(pid):9.0f} MiB {total - rss_mib(pid):10.0f} MiB {n_fds:5d} "
+                      f"{raised:7.0f} {sink.count():10d}", flush=True)  # fmt: skip
+                daemon.alive_or_raise()
+                time.sleep(args.sample)
+            feeder.close()
+            feeder = None
+            raised = sum(daemon.metric("dtsync_resync_events_total", cell=c, twin=TWIN) or 0 for c in CELLS)
+            try:
+                wait_for(lambda: sink.count() >= raised and daemon.metric("dtsync_outbox_pending") == 0, 30,
+                         "every raised event to be delivered")  # fmt: skip
+            except AssertionError as e:
+                print(e)
+            half = [x for x in rss if x[0] >= args.seconds / 2]
+            fd_half = [x for x in fds if x[0] >= args.seconds / 2]
+            rss_slope = slope(half) * 60
+            fd_growth = (max(y for _, y in fd_half) - fd_half[0][1]) if fd_half else 0
+            lost = int(raised) - sink.count()
+            print(f"\n{args.seconds:.0f} s at {args.rate:.0f} transitions/s ({feeder_sent(daemon)} received), "
+                  f"{restarts} broker restarts")  # fmt: skip
+            print(f"RSS (daemon + workers) slope over the second half: {rss_slope:+.2f} MiB/min "
+                  f"({half[0][1]:.0f} -> {half[-1][1]:.0f} MiB)" if half else "no samples")  # fmt: skip
+            print(f"open descriptors over the second half: {fd_half[0][1]:.0f} -> {fd_half[-1][1]:.0f} "
+                  f"(max growth {fd_growth:.0f}, slope {slope(fd_half) * 60:+.2f}/min)" if fd_half else "")  # fmt: skip
+            print(f"events raised {raised:.0f}, delivered {sink.count()} (distinct ids), lost {max(lost, 0)}, "
+                  f"expired {daemon.metric('dtsync_events_expired_total') or 0:.0f}")  # fmt: skip
+            failed = []
+            if lost > 0:
+                failed.append(f"{lost} event(s) lost")
+            if raised == 0:
+                failed.append("no event raised: the soak did not exercise delivery")
+            if rss_slope > args.max_rss_slope:
+                failed.append(f"RSS grows {rss_slope:.2f} MiB/min > {args.max_rss_slope}")
+            if fd_growth > args.max_fd_growth:
+                failed.append(f"descriptors grew by {fd_growth:.0f} > {args.max_fd_growth}")
+            if failed:
+                print("FAILED: " + "; ".join(failed))
+            return 1 if args.check and failed else 0
+        finally:
+            if feeder is not None:
+                feeder.close()
+            if sink is not None:
+                sink.close()
+            daemon.stop()
+            broker.stop()
+
+
+def feeder_sent(daemon: DaemonProcess) -> int:
+    total = 0.0
+    for cell in CELLS:
+        for stream in ("real", TWIN):
+            total += daemon.metric("dtsync_transitions_received_total", cell=cell, stream=stream) or 0
+    return int(total)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())
