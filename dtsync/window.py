@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,21 +26,62 @@ __all__ = ["EmpiricalMDP", "SlidingWindow"]
 _MIN_CAPACITY = 1024
 
 
-@dataclass(frozen=True, eq=False)
 class EmpiricalMDP:
     """Dense empirical MDP over ``S`` states and ``A`` actions (arrays are shared: treat them as read-only).
 
     ``R[s,a]``: mean reward (0 where unknown); ``P[s,a,:]``: next-state frequencies (sums to 1 where known,
     all 0 where unknown); ``N[s,a]``: sample counts; ``reward_min``/``reward_max``: range of the raw rewards
     (nan when there are no samples).
+
+    One taken from a window holds the window's transitions and counts them into the dense arrays only when
+    they are first read; pickled (to a worker process) it carries the transitions, not the arrays: 32 bytes a
+    transition instead of 8 * S * A * S bytes (8 MiB at 256 states x 16 actions, per array).
     """
 
-    R: np.ndarray
-    P: np.ndarray
-    N: np.ndarray
-    samples: int
-    reward_min: float
-    reward_max: float
+    def __init__(self, R: np.ndarray, P: np.ndarray, N: np.ndarray, samples: int, reward_min: float,
+                 reward_max: float) -> None:  # fmt: skip
+        self._R, self._P, self._N = R, P, N
+        self._columns: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int] | None = None
+        self.samples = samples
+        self.reward_min = reward_min
+        self.reward_max = reward_max
+
+    @classmethod
+    def _counted(cls, s: np.ndarray, a: np.ndarray, r: np.ndarray, sn: np.ndarray, n_states: int,
+                 n_actions: int) -> EmpiricalMDP:  # fmt: skip
+        """An MDP of these transitions (copied), counted on first use."""
+        _check_bounds(s, a, sn, n_states, n_actions)
+        mdp = cls.__new__(cls)
+        mdp._R = mdp._P = mdp._N = None  # type: ignore[assignment]
+        mdp._columns = (s.copy(), a.copy(), r.copy(), sn.copy(), n_states, n_actions)
+        mdp.samples = int(r.size)
+        mdp.reward_min = float(r.min()) if r.size else math.nan
+        mdp.reward_max = float(r.max()) if r.size else math.nan
+        return mdp
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._R is None:
+            assert self._columns is not None
+            self._R, self._P, self._N = _count(*self._columns)
+        return self._R, self._P, self._N
+
+    @property
+    def R(self) -> np.ndarray:
+        return self._arrays()[0]
+
+    @property
+    def P(self) -> np.ndarray:
+        return self._arrays()[1]
+
+    @property
+    def N(self) -> np.ndarray:
+        return self._arrays()[2]
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        if self._columns is not None:  # the transitions travel; the worker counts them
+            state["_R"] = state["_P"] = state["_N"] = None
+        return state
 
     @property
     def known(self) -> np.ndarray:
@@ -265,8 +305,14 @@ def _check_bounds(s: np.ndarray, a: np.ndarray, sn: np.ndarray, n_states: int, n
 def _mdp_from_columns(
     s: np.ndarray, a: np.ndarray, r: np.ndarray, sn: np.ndarray, n_states: int, n_actions: int
 ) -> EmpiricalMDP:
-    """Recount from raw columns with bincount (vectorised, and drift-free since it sums from scratch)."""
-    _check_bounds(s, a, sn, n_states, n_actions)
+    """The MDP of these transitions (bounds checked now, counted on first use)."""
+    return EmpiricalMDP._counted(s, a, r, sn, n_states, n_actions)
+
+
+def _count(
+    s: np.ndarray, a: np.ndarray, r: np.ndarray, sn: np.ndarray, n_states: int, n_actions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R, P, N by bincount from raw columns (vectorised, and drift-free since it sums from scratch)."""
     S, A = n_states, n_actions
     sa = s * A + a
     N = np.bincount(sa, minlength=S * A).reshape(S, A).astype(np.int64)
@@ -275,6 +321,4 @@ def _mdp_from_columns(
     known = N > 0
     R = np.divide(sums, N, out=np.zeros((S, A)), where=known)
     np.divide(P, N[:, :, None], out=P, where=known[:, :, None])
-    if r.size == 0:
-        return EmpiricalMDP(R, P, N, 0, math.nan, math.nan)
-    return EmpiricalMDP(R, P, N, int(r.size), float(r.min()), float(r.max()))
+    return R, P, N

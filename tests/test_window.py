@@ -226,3 +226,19 @@ def test_memory_follows_the_transitions_held_not_the_labels() -> None:
     assert many.nbytes == few.nbytes <= 4 * 40 * 5000
     mdp = few.to_mdp(2, 1)  # counted on demand, from the transitions held
     assert mdp.samples == 5000 and int(mdp.N[0, 0]) == 5000 and mdp.P[0, 0, 1] == 1.0
+
+
+def test_a_snapshot_travels_as_its_transitions_not_as_dense_arrays() -> None:
+    """Pickled to a worker, a window's MDP costs ~32 bytes a transition, not 8 * S * A * S bytes."""
+    import pickle
+
+    w = SlidingWindow(max_count=1000)
+    rng = np.random.default_rng(0)
+    n = 1000
+    w.extend(list(rng.integers(0, 256, n)), list(rng.integers(0, 16, n)), list(rng.random(n)),
+             list(rng.integers(0, 256, n)), [float(i) for i in range(n)])  # fmt: skip
+    mdp = w.to_mdp(256, 16)
+    data = pickle.dumps(mdp)
+    assert len(data) < 40 * n + 2000 < mdp.P.nbytes / 100
+    back = pickle.loads(data)
+    assert np.array_equal(back.P, mdp.P) and np.array_equal(back.R, mdp.R) and back.samples == n
