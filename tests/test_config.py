@@ -346,3 +346,22 @@ def test_outbox_goes_to_the_systemd_state_directory(tmp_path: Path, monkeypatch:
 def test_reconnect_bounds_are_ordered() -> None:
     with pytest.raises(ConfigError, match="reconnect_max_seconds must be >= reconnect_min_seconds"):
         parse_config({"mqtt": {"reconnect_min_seconds": 5, "reconnect_max_seconds": 1}})
+
+
+def test_reliability_defaults_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    config = parse_config({})
+    d = config.daemon
+    assert (config.max_states, config.max_actions) == (256, 16)
+    assert d.max_clock_skew_seconds == 300 and d.snapshot_seconds == 30 and d.workers is None
+    assert d.worker_count() == len(os.sched_getaffinity(0))
+    assert config.mqtt.reconnect_max_seconds == 2.0 and config.mqtt.liveness_seconds == 30
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    assert d.state_file() == tmp_path / "dtsync-state-default.snapshot"
+    assert d.outbox_file().parent == d.state_file().parent
+    custom = parse_config({"daemon": {"workers": 3, "max_clock_skew_seconds": None, "outbox_path": "/x/o.sqlite"}})
+    assert custom.daemon.worker_count() == 3 and custom.daemon.max_clock_skew_seconds is None
+    assert custom.daemon.state_file() == Path("/x/dtsync-state-default.snapshot")
+    with pytest.raises(ConfigError, match="max_actions"):
+        parse_config({"max_actions": 0})

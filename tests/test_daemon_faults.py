@@ -27,8 +27,8 @@ from dtsync.offline.sample import write_samples
 
 WORKER_RESUME_SECONDS = 10.0
 RECONNECT_SECONDS = 5.0
-# Documented in README "Reliability": daemon + its workers at the default caps (256 states, 16 actions).
-MEMORY_BOUND_MIB = 1200
+# Documented in README "Reliability": daemon + 2 workers, 2 twins at the label caps (256 states, 16 actions).
+MEMORY_BOUND_MIB = 1024
 
 
 def children(pid: int) -> list[int]:

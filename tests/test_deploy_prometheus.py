@@ -68,6 +68,7 @@ def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:
         "DtsyncTelemetryStale",
         "DtsyncComputeSlowerThanSchedule",
         "DtsyncEvaluationsDeferred",
+        "DtsyncEvaluationStale",
     }
     rules = {r["alert"]: r for r in alert_rules()}
     assert set(rules) == wanted
