@@ -7,8 +7,9 @@ A private Mosquitto (persistence on, so a restart keeps the subscriber's session
 of one twin each, and publisher threads feeding `--rate` transitions/s in batches over the four streams. Each
 twin alternates every `--period` seconds between the real network's behaviour and a reward offset of 1, so its
 trigger fires and re-arms over and over: every firing is a resync event to deliver. The broker is restarted
-every `--restart-every` seconds (SIGTERM, down for `--down` seconds). A persistent-session subscriber collects
-the events.
+every `--restart-every` seconds (SIGTERM, down for `--down` seconds). With `--kill-every`, the daemon is killed
+(SIGKILL) at random moments about that often and restarted on the same outbox and state files. A
+persistent-session subscriber collects the events; events raised are the ids the daemon logged.
 
 Every `--sample` seconds it reads VmRSS of the daemon and its workers and the daemon's open descriptors
 (/proc), and prints them; at the end the least-squares slope of each over the second half of the run (after
@@ -137,6 +138,10 @@ class EventSink:
         with self.lock:
             return len(self.ids)
 
+    def snapshot(self) -> set[str]:
+        with self.lock:
+            return set(self.ids)
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -149,6 +154,7 @@ def main() -> int:
     p.add_argument("--period", type=float, default=6.0, help="seconds between drift and back, per twin")
     p.add_argument("--restart-every", type=float, default=20.0)
     p.add_argument("--down", type=float, default=2.0)
+    p.add_argument("--kill-every", type=float, default=0.0, help="SIGKILL + restart the daemon (0: never)")
     p.add_argument("--sample", type=float, default=2.0)
     p.add_argument("--check", action="store_true")
     p.add_argument("--max-rss-slope", type=float, default=5.0, help="MiB per minute, second half")
@@ -178,6 +184,9 @@ def main() -> int:
             feeder.start()
             started = time.monotonic()
             next_restart = started + args.restart_every
+            rng = random.Random(2)
+            next_kill = started + rng.uniform(0.5, 1.5) * args.kill_every if args.kill_every else float("inf")
+            kills = 0
             rss: list[tuple[float, float]] = []
             fds: list[tuple[float, float]] = []
             restarts = 0
@@ -189,37 +198,47 @@ def main() -> int:
                     broker.start()
                     restarts += 1
                     next_restart = time.monotonic() + args.restart_every
+                if now >= next_kill:
+                    daemon.signal(signal.SIGKILL)
+                    daemon.proc.wait(10)
+                    daemon = DaemonProcess(workdir, config)
+                    daemon.wait_connected(60)
+                    kills += 1
+                    rss, fds = [], []  # a new process: growth is measured from here
+                    next_kill = time.monotonic() + rng.uniform(0.5, 1.5) * args.kill_every
                 pid = daemon.proc.pid
                 total = rss_mib(pid) + sum(rss_mib(w) for w in workers(pid))
                 n_fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
                 t = now - started
                 rss.append((t, total))
                 fds.append((t, n_fds))
-                raised = sum(daemon.metric("dtsync_resync_events_total", cell=c, twin=TWIN) or 0 for c in CELLS)
+                raised = len(raised_ids(daemon))
                 print(f"{t:6.0f} {rss_mib(pid):9.0f} MiB {total - rss_mib(pid):10.0f} MiB {n_fds:5d} "
                       f"{raised:7.0f} {sink.count():10d}", flush=True)  # fmt: skip
                 daemon.alive_or_raise()
                 time.sleep(args.sample)
             feeder.close()
             feeder = None
-            raised = sum(daemon.metric("dtsync_resync_events_total", cell=c, twin=TWIN) or 0 for c in CELLS)
+            ids = raised_ids(daemon)
+            raised = len(ids)
             try:
-                wait_for(lambda: sink.count() >= raised and daemon.metric("dtsync_outbox_pending") == 0, 30,
+                wait_for(lambda: ids <= sink.snapshot() and daemon.metric("dtsync_outbox_pending") == 0, 30,
                          "every raised event to be delivered")  # fmt: skip
             except AssertionError as e:
                 print(e)
-            half = [x for x in rss if x[0] >= args.seconds / 2]
-            fd_half = [x for x in fds if x[0] >= args.seconds / 2]
+            from_t = rss[0][0] + (rss[-1][0] - rss[0][0]) / 2 if rss else 0.0
+            half = [x for x in rss if x[0] >= from_t]
+            fd_half = [x for x in fds if x[0] >= from_t]
             rss_slope = slope(half) * 60
             fd_growth = (max(y for _, y in fd_half) - fd_half[0][1]) if fd_half else 0
-            lost = int(raised) - sink.count()
-            print(f"\n{args.seconds:.0f} s at {args.rate:.0f} transitions/s ({feeder_sent(daemon)} received), "
-                  f"{restarts} broker restarts")  # fmt: skip
+            lost = len(ids - sink.snapshot())
+            print(f"\n{args.seconds:.0f} s at {args.rate:.0f} transitions/s, {restarts} broker restarts, "
+                  f"{kills} daemon SIGKILLs")  # fmt: skip
             print(f"RSS (daemon + workers) slope over the second half: {rss_slope:+.2f} MiB/min "
                   f"({half[0][1]:.0f} -> {half[-1][1]:.0f} MiB)" if half else "no samples")  # fmt: skip
             print(f"open descriptors over the second half: {fd_half[0][1]:.0f} -> {fd_half[-1][1]:.0f} "
                   f"(max growth {fd_growth:.0f}, slope {slope(fd_half) * 60:+.2f}/min)" if fd_half else "")  # fmt: skip
-            print(f"events raised {raised:.0f}, delivered {sink.count()} (distinct ids), lost {max(lost, 0)}, "
+            print(f"events raised {raised}, delivered {sink.count()} (distinct ids), lost {lost}, "
                   f"expired {daemon.metric('dtsync_events_expired_total') or 0:.0f}")  # fmt: skip
             failed = []
             if lost > 0:
@@ -242,12 +261,16 @@ def main() -> int:
             broker.stop()
 
 
-def feeder_sent(daemon: DaemonProcess) -> int:
-    total = 0.0
-    for cell in CELLS:
-        for stream in ("real", TWIN):
-            total += daemon.metric("dtsync_transitions_received_total", cell=cell, stream=stream) or 0
-    return int(total)
+def raised_ids(daemon: DaemonProcess) -> set[str]:
+    """Ids of the resync events the daemon logged raising (its log is appended to across restarts)."""
+    ids = set()
+    for line in daemon.log.read_text(errors="replace").splitlines():
+        if '"resync event"' in line:
+            try:
+                ids.add(json.loads(line)["event_id"])
+            except (ValueError, KeyError):
+                pass
+    return ids
 
 
 if __name__ == "__main__":

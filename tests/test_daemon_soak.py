@@ -15,3 +15,12 @@ def test_sixty_second_soak_loses_no_event_and_does_not_grow() -> None:
     print(out.stdout[-2000:])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "lost 0" in out.stdout and "broker restarts" in out.stdout
+
+
+def test_daemon_sigkilled_at_random_moments_loses_no_event() -> None:
+    """Three SIGKILLs of the daemon (restarted on its outbox and state) while events are raised: 0 lost."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--seconds", "50",
+                          "--kill-every", "12", "--check"], capture_output=True, text=True, timeout=240)  # fmt: skip
+    print(out.stdout[-2000:])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "lost 0" in out.stdout and "daemon SIGKILLs" in out.stdout and " 0 daemon SIGKILLs" not in out.stdout
