@@ -257,6 +257,9 @@ def test_sighup_reloads_thresholds_and_twins_without_dropping_windows(
         wait_for(lambda: daemon.metric("dtsync_window_samples", cell="cell-1", twin="faithful", window="real")
                  == 2000, 20, "windows kept across the reload")  # fmt: skip
         assert daemon.metric("dtsync_mismatch", cell="cell-1", twin="drifting") is None  # removed twin forgotten
+        # ... stream series included, so its staleness alert cannot fire forever
+        assert daemon.metric("dtsync_last_transition_timestamp_seconds", cell="cell-1", stream="drifting") is None
+        assert daemon.metric("dtsync_last_transition_timestamp_seconds", cell="cell-1", stream="extra") is not None
         daemon.write_config({**config, "window": {"count": "many"}})
         daemon.signal(signal.SIGHUP)  # an invalid file keeps the running config
         time.sleep(0.5)

@@ -131,3 +131,18 @@ def test_configured_series_exist_before_any_data(tmp_path: Path) -> None:
     assert "dtsync_worker_restarts_total 0.0" in text
     daemon.outbox.close()
     daemon.pool.shutdown()
+
+
+def test_a_worker_runs_numba_on_one_thread() -> None:
+    """Each daemon worker is one of `workers` processes (one per core by default): numba must not fan out."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numba
+
+    from dtsync.daemon.compute import init_worker
+
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_worker, initargs=(os.getpid(),)) as pool:
+        assert pool.submit(numba.get_num_threads).result(timeout=60) == 1
