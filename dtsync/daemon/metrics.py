@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -175,8 +175,8 @@ class MetricsServer:
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server = type("MetricsWSGIServer", (ThreadingWSGIServer,), {"address_family": family})
-        self._httpd = make_server(host, port, app, server, handler_class=_QuietHandler)
-        self.port = self._httpd.server_port
+        self._httpd: WSGIServer = make_server(host, port, app, server, handler_class=_QuietHandler)
+        self.port: int = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="dtsync-metrics", daemon=True)
 
     def start(self) -> None:

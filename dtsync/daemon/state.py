@@ -174,7 +174,10 @@ def read(path: Path) -> DaemonState | None:
     return None
 
 
-def _columns(w: WindowState, n_states: int, n_actions: int) -> tuple[np.ndarray, ...]:
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _columns(w: WindowState, n_states: int, n_actions: int) -> Columns:
     try:
         s, a, sn = (np.frombuffer(b, dtype="<i8").astype(np.int64) for b in (w.s, w.a, w.s_next))
         r, t = (np.frombuffer(b, dtype="<f8").astype(np.float64) for b in (w.r, w.t))
