@@ -222,3 +222,43 @@ def test_warm_start_after_the_metric_falls_or_rises_matches_naive() -> None:
         res = solver.solve(R1 * scale, P1, R2, Q2, 0.9)
         ref, _ = dtbsm_naive(R1 * scale, P1, R2, Q2, 0.9)
         assert np.abs(res.d - ref).max() < 2e-8
+
+
+def _window_sequence_with_holes(rng: np.random.Generator, S: int, A: int, steps: int) -> list[tuple[np.ndarray, ...]]:
+    """Successive (real, twin) window pairs: masses drift, and state-actions go silent and come back. The real
+    side is deterministic (1-point supports: 1 x k problems, whose single basis never expires), the twin is not."""
+    R1, P1 = random_mdp(rng, S, A, k=1)
+    R2, P2 = random_mdp(rng, S, A, k=3)
+    out = []
+    for _ in range(steps):
+        P1 = np.where(P1 > 0, P1 * np.exp(0.2 * rng.standard_normal(P1.shape)), 0.0)
+        P1 /= P1.sum(axis=-1, keepdims=True)
+        R1 = np.clip(R1 + 0.05 * rng.standard_normal(R1.shape), 0.0, 1.0)
+        holes1 = rng.random((S, A)) < 0.15
+        holes2 = rng.random((S, A)) < 0.05
+        out.append((R1.copy(), np.where(holes1[..., None], 0.0, P1), R2.copy(), np.where(holes2[..., None], 0.0, P2)))
+    return out
+
+
+def test_warm_upper_solve_with_holes_equals_cold_and_plain_value_iteration() -> None:
+    """One solver serves the lower, upper and point solves in turn. Bounds cached by the lower solve (unknown
+    terms worth 0) must not be reused by the upper solve (unknown terms worth Rbar / (1 - gamma)): along window
+    sequences with holes, the warm d_upper equals a cold solve and plain value iteration with POT."""
+    gamma = 0.9
+    upper_value = 1.0 / (1.0 - gamma)  # rewards and the configured range in [0, 1]
+    worst = 0.0
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        solver = DTBSMSolver()
+        for R1, P1, R2, P2 in _window_sequence_with_holes(rng, 6, 3, 4):
+            warm = solver.solve(R1, P1, R2, P2, gamma, reward_range=(0.0, 1.0))
+            cold = dtbsm(R1, P1, R2, P2, gamma, reward_range=(0.0, 1.0))
+            worst = max(worst, float(np.abs(warm.d_upper - cold.d_upper).max()))
+            for name in ("d", "d_lower"):
+                assert np.abs(getattr(warm, name) - getattr(cold, name)).max() <= 2e-8, name
+    assert worst <= 2e-8
+    # and the last step against plain value iteration, in upper and lower mode
+    ref_upper, _ = dtbsm_naive(R1, P1, R2, P2, gamma, unknown_value=upper_value)
+    ref_lower, _ = dtbsm_naive(R1, P1, R2, P2, gamma, unknown_value=0.0)
+    assert np.abs(warm.d_upper - ref_upper).max() <= 2e-8
+    assert np.abs(warm.d_lower - ref_lower).max() <= 2e-8

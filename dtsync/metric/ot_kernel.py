@@ -429,6 +429,15 @@ def _workspace(K):
 
 
 @njit(cache=True, nogil=True)
+def _pair_missing(s, s2, n1, n2) -> bool:
+    """Some action of pair (s, s2) has no data on one side: its term is the unknown constant."""
+    for a in range(n1.shape[1]):
+        if n1[s, a] == 0 or n2[s2, a] == 0:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, Pr, margin, U) -> bool:
     """Upper bounds U[a] on every action's term for pair (s, s2) (-inf if unknown); True if any is unknown."""
     missing = False
@@ -475,7 +484,11 @@ def _sweep_row(
                     break
                 value += flw[s, s2, pos] * flat[t]
             total = abs(R1[s, a] - R2[s2, a]) + gamma * value
-            if total >= G[s, s2] + gamma * Z[s] + margin:
+            # G bounds the known competitors only; the unknown term depends on the mode (lower, upper) that
+            # reads the same workspace, so it is checked here, at this solve's value.
+            if total >= G[s, s2] + gamma * Z[s] + margin and (
+                total >= unknown_value + margin or not _pair_missing(s, s2, n1, n2)
+            ):
                 F[s, s2] = total
                 dots += 1
                 continue
@@ -549,9 +562,9 @@ def _sweep_row(
             best = unknown_value
         F[s, s2] = best
         act[s, s2] = best_a
-        # The competitors' bound, anchored like wb (add gamma * cum to read it): every known action but the
-        # chosen one, and the unknown term (a constant, anchored at the current cum).
-        g = unknown_value if missing else -np.inf
+        # The known competitors' bound, anchored like wb (add gamma * Z[s] to read it): every known action but
+        # the chosen one. Not the unknown term: its value is the caller's (0 lower, Rbar / (1 - gamma) upper).
+        g = -np.inf
         for b in range(A):
             if b != best_a and n1[s, b] > 0 and n2[s2, b] > 0:
                 g = max(g, abs(R1[s, b] - R2[s2, b]) + gamma * (wb[s, s2, b] + Pr[s, b]))
