@@ -262,3 +262,38 @@ def test_warm_upper_solve_with_holes_equals_cold_and_plain_value_iteration() -> 
     ref_lower, _ = dtbsm_naive(R1, P1, R2, P2, gamma, unknown_value=0.0)
     assert np.abs(warm.d_upper - ref_upper).max() <= 2e-8
     assert np.abs(warm.d_lower - ref_lower).max() <= 2e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_problems_left_at_the_pivot_limit_widen_the_certificate(seed: int) -> None:
+    """With no pivot allowed, the greedy couplings stay where they are: the result must say that its tolerance
+    does not hold, and its error bound must still contain the exact metric (lower, upper and point)."""
+    rng = np.random.default_rng(seed)
+    R1, P1 = random_mdp(rng, 8, 3, k=4)
+    R2, P2 = random_mdp(rng, 8, 3, k=4)
+    P2[5, 1] = 0.0  # a hole, so the upper and point solves run too
+    res = DTBSMSolver(max_pivots=0).solve(R1, P1, R2, P2, 0.9, reward_range=(0.0, 1.0))
+    assert res.unfinished > 0
+    assert not res.certified and res.error_bound > 1e-8
+    errors = []
+    for name, unknown in (("d_lower", 0.0), ("d_upper", 10.0)):
+        ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9, tol=1e-10, unknown_value=unknown)
+        errors.append(float(np.abs(getattr(res, name) - ref).max()))
+    P2c = P2.copy()
+    P2c[5, 1] = P1[5, 1]  # the point estimate's completion
+    R2c = R2.copy()
+    R2c[5, 1] = R1[5, 1]
+    ref, _ = dtbsm_naive(R1, P1, R2c, P2c, 0.9, tol=1e-10)
+    errors.append(float(np.abs(res.d - ref).max()))
+    assert max(errors) > 1e-6  # the limit really left the result inexact...
+    assert max(errors) <= res.error_bound  # ...and the bound says by how much, at most
+
+
+def test_a_small_pivot_limit_resumes_across_sweeps_and_still_certifies() -> None:
+    rng = np.random.default_rng(3)
+    R1, P1 = random_mdp(rng, 8, 3, k=4)
+    R2, P2 = random_mdp(rng, 8, 3, k=4)
+    res = DTBSMSolver(max_pivots=1).solve(R1, P1, R2, P2, 0.9)
+    ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9, tol=1e-10)
+    assert res.certified and res.unfinished == 0 and res.error_bound <= 1e-8
+    assert np.abs(res.d - ref).max() <= 1e-8

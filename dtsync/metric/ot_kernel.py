@@ -20,7 +20,7 @@ from numba import njit, prange
 STRIDE = 4096  # support positions are < STRIDE; codes stay within int32
 _FLOW_EPS = 1e-12  # a flow above -this is feasible (round-off of probabilities that sum to 1)
 _BLAND_AFTER = 50  # pivots with Dantzig's rule before switching to Bland's rule (anti-cycling)
-_MAX_PIVOTS = 10_000
+MAX_PIVOTS = 10_000  # per problem and sweep; a problem that reaches it keeps its basis and resumes next sweep
 
 
 @njit(cache=True, nogil=True)
@@ -266,11 +266,13 @@ def _coupling_value(codes, s, s2, a, k, kk, p1, p2, idx1, idx2, rs, rd, flow, d)
 
 
 @njit(cache=True, nogil=True)
-def _optimize(k, kk, p, q, C, codes, w):
+def _optimize(k, kk, p, q, C, codes, w, max_pivots):
     """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in w[2]).
 
-    Returns (value, pivots, status, slack): status 0 optimal, 1 pivot limit hit (value is a feasible upper
-    bound); slack = smallest reduced cost of a non-basic cell at the optimum (+inf when every cell is basic).
+    Returns (value, pivots, status, slack): status 0 optimal, slack = smallest reduced cost of a non-basic cell
+    at the optimum (+inf when every cell is basic); status 1 pivot limit hit: value is that of a feasible
+    coupling (>= W1) and slack is the duality gap value - L >= value - W1, with L the dual bound of the
+    current potentials made feasible (v_j = min_i C_ij - u_i).
     """
     n = k + kk - 1
     cells, mark, flow, u, v, rs, rd, deg, used, row_on, col_on, pe, pn, stack, order, depth, start, adj = w
@@ -309,7 +311,7 @@ def _optimize(k, kk, p, q, C, codes, w):
                 break
         if ie < 0:
             break
-        if pivots >= _MAX_PIVOTS:
+        if pivots >= max_pivots:
             status = 1
             break
         pivots += 1
@@ -369,7 +371,17 @@ def _optimize(k, kk, p, q, C, codes, w):
         f = flow[pos]
         if f > 0.0:
             value += f * C[(c // STRIDE) * kk + c % STRIDE]
-    if status == 0 and n < k * kk:
+    if status == 1:
+        lower = 0.0
+        for i in range(k):
+            lower += p[i] * u[i]
+        for j in range(kk):
+            vj = np.inf
+            for i in range(k):
+                vj = min(vj, C[i * kk + j] - u[i])
+            lower += q[j] * vj
+        slack = max(0.0, value - lower)
+    elif n < k * kk:
         # Smallest reduced cost off the tree: how far the costs may move before this basis can stop being optimal.
         for t in range(k * kk):
             mark[t] = 0
@@ -399,7 +411,7 @@ def solve_transport(k, kk, p, q, C, codes, w):
     if not (_basis_fits(codes, n, k, kk) and _flows(codes, n, p, q, w[5], w[6], w[2])):
         _greedy_basis(k, kk, p, q, C, codes, w[14], w[5], w[6], w[9], w[10])
         _flows(codes, n, p, q, w[5], w[6], w[2])
-    value, pivots, status, slack = _optimize(k, kk, p, q, C, codes, w)
+    value, pivots, status, slack = _optimize(k, kk, p, q, C, codes, w, MAX_PIVOTS)
     return value, pivots, status
 
 
@@ -453,7 +465,7 @@ def _action_bounds(s, s2, R1, n1, R2, n2, gamma, wb, Pr, margin, U) -> bool:
 @njit(cache=True, nogil=True)
 def _sweep_row(
     s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats, gaps, max_pivots,
 ):  # fmt: skip
     """Row s of `sweep`."""
     S1, A = n1.shape
@@ -533,14 +545,17 @@ def _sweep_row(
                 if not fits or (ex[s, s2, a] == -np.inf and n < k * kk):  # a single row or column: the one basis
                     _greedy_basis(k, kk, pa, qa, C, cb, w[14], w[5], w[6], w[9], w[10])
                     _flows(cb, n, pa, qa, w[5], w[6], flow)
-                value, piv, status, slack = _optimize(k, kk, pa, qa, C, cb, w)
+                value, piv, status, slack = _optimize(k, kk, pa, qa, C, cb, w, max_pivots)
                 problems += 1
                 pivots += piv
                 failures += status
                 if status == 0:
                     ex[s, s2, a] = cum + slack / (2 * min(k, kk)) - margin
-                else:
-                    ex[s, s2, a] = -np.inf
+                else:  # expired, basis kept: the next exact sweep resumes the simplex where this one stopped
+                    ex[s, s2, a] = -1.0
+                    gap = gamma * slack
+                    if gap > gaps[s]:
+                        gaps[s] = gap
             else:
                 dots += 1
             wb[s, s2, a] = value - Pr[s, a]
@@ -586,7 +601,7 @@ def _sweep_row(
 @njit(cache=True, nogil=True, parallel=True)
 def sweep(
     d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats, gaps, max_pivots,
 ):  # fmt: skip
     """One application of the operator, F = max_a |dR| + gamma * W_a, in parallel over s, pruned by bounds.
 
@@ -612,25 +627,27 @@ def sweep(
 
     A state-action missing in either model contributes `unknown_value`. act[s, s'] is the maximising action
     (-1 when the unknown term wins), tgt/flw its coupling as (target pair index, mass) lists.
-    stats[s] accumulates (problems optimised, pivots, pivot-limit failures, values by dot product).
+    stats[s] accumulates (problems optimised, pivots, pivot-limit failures, values by dot product); gaps[s] is
+    raised to gamma times the duality gap of every problem that reached `max_pivots` pivots, so the computed F
+    lies in [F(d), F(d) + max(gaps)] (exact=True).
     """
     for s in prange(n1.shape[0]):
         _sweep_row(
             s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-            codes, wb, ex, G, exa, F, act, tgt, flw, stats,
+            codes, wb, ex, G, exa, F, act, tgt, flw, stats, gaps, max_pivots,
         )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
 def sweep_serial(
     d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-    codes, wb, ex, G, exa, F, act, tgt, flw, stats,
+    codes, wb, ex, G, exa, F, act, tgt, flw, stats, gaps, max_pivots,
 ):  # fmt: skip
     """`sweep` on the calling thread only: for small problems, where waking the thread pool costs more."""
     for s in range(n1.shape[0]):
         _sweep_row(
             s, d, cum, Pr, Z, exact, R1, idx1, p1, n1, R2, idx2, p2, n2, gamma, unknown_value,
-            codes, wb, ex, G, exa, F, act, tgt, flw, stats,
+            codes, wb, ex, G, exa, F, act, tgt, flw, stats, gaps, max_pivots,
         )  # fmt: skip
 
 
