@@ -32,9 +32,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
-from dtsync.metric import ot_kernel
+from dtsync.metric import bellman, transport
+from dtsync.metric.evaluation import evaluate_couplings
+from dtsync.metric.sparse import SparseMDP
 
 _MAX_ROUNDS = 100_000
 _PARALLEL_WORK = 1 << 17  # transport problems per sweep from which the sweep runs on numba's thread pool
@@ -44,26 +47,6 @@ _PARALLEL_WORK = 1 << 17  # transport problems per sweep from which the sweep ru
 _MAX_PLAYER_STEPS = 1
 # Exact sweeps after convergence that resume problems left at the pivot limit before the bound is reported as is.
 _EXTRA_SWEEPS = 20
-
-
-@dataclass(frozen=True)
-class SparseMDP:
-    """An MDP's rewards and next-state supports, the form the kernels read."""
-
-    R: np.ndarray  # (S, A)
-    idx: np.ndarray  # (S, A, K) next-state indices
-    mass: np.ndarray  # (S, A, K) probabilities
-    n: np.ndarray  # (S, A) support sizes; 0 = unknown state-action
-
-    @classmethod
-    def from_dense(cls, R: np.ndarray, P: np.ndarray) -> SparseMDP:
-        K = max(1, int((P > 0).sum(axis=-1).max(initial=0)))
-        idx, mass, n = ot_kernel.sparse_rows(np.ascontiguousarray(P, dtype=np.float64), K)
-        return cls(np.ascontiguousarray(R, dtype=np.float64), idx, mass, n)
-
-    @property
-    def known(self) -> np.ndarray:
-        return self.n > 0
 
 
 @dataclass
@@ -79,110 +62,6 @@ class FixedPoint:
     unfinished: int = 0  # transport problems of the final sweep left at the pivot limit
 
 
-class _Workspace:
-    """Per-solver state kept between calls (the warm start): every transport problem's basis and bounds.
-
-    codes (S, S', A, 2K-1): tree bases; wb, ex (S, S', A): the value anchors and optimality expiries read by
-    `ot_kernel.sweep`. ex is relative to `cum`, an upper bound on the sup-norm path length of d since the
-    workspace was (re)set; wb to the row clock Pr[s, a] = sum_x P(x|s, a) rowC[x], with rowC[x] the sum over
-    reads of the largest (signed) change in row x of d: a coupling of (s, a)'s problem has row marginal
-    P(.|s, a), so its value rose by at most the change of Pr, and fell by at least minus it when every entry
-    fell (the big steps after an exact sweep lower d); G to Z[s], which advances by the largest change of
-    Pr[s, .]. Both bound from above only. All advance in `observe` each
-    time d is read. A state-action whose data changed since the last call loses its anchors (its basis is kept
-    as a warm start and re-proved).
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple[int, ...] | None = None
-        self.codes = np.full((0, 0, 0, 1), -1, np.int32)
-        self.wb = np.zeros((0, 0, 0))
-        self.ex = np.zeros((0, 0, 0))
-        self.act = np.zeros((0, 0), np.int64)
-        self.G = np.zeros((0, 0))
-        self.exa = np.zeros((0, 0))
-        self.tgt = np.zeros((0, 0, 1), np.int64)
-        self.flw = np.zeros((0, 0, 1))
-        self.cum = 0.0
-        self.rowC = np.zeros(0)
-        self.Pr = np.zeros((0, 0))
-        self.Z = np.zeros(0)
-        self.seen: np.ndarray | None = None
-        self.m1: SparseMDP | None = None
-        self.m2: SparseMDP | None = None
-
-    def prepare(self, m1: SparseMDP, m2: SparseMDP) -> None:
-        S1, A = m1.n.shape
-        S2 = m2.n.shape[0]
-        nb = 2 * max(m1.idx.shape[2], m2.idx.shape[2]) - 1
-        key = (S1, S2, A, nb, m1.idx.shape[2], m2.idx.shape[2])
-        if key != self.key:
-            old = self.codes
-            codes = np.full((S1, S2, A, max(nb, old.shape[3])), -1, np.int32)
-            s1, s2, a = (min(x, y) for x, y in zip(old.shape[:3], (S1, S2, A), strict=True))
-            codes[:s1, :s2, :a, : old.shape[3]] = old[:s1, :s2, :a]  # bases are re-validated before use
-            self.codes = codes
-            self.wb = np.full((S1, S2, A), np.inf)
-            self.ex = np.full((S1, S2, A), -np.inf)
-            self.act = np.full((S1, S2), -1, np.int64)
-            self.G = np.full((S1, S2), np.inf)
-            self.exa = np.full((S1, S2), -np.inf)
-            self.tgt = np.full((S1, S2, codes.shape[3]), -1, np.int64)
-            self.flw = np.zeros((S1, S2, codes.shape[3]))
-            self.cum = 0.0
-            self.rowC = np.zeros(S1)
-            self.Z = np.zeros(S1)
-            self.seen = None
-            self.key = key
-        else:
-            assert self.m1 is not None and self.m2 is not None
-            c1 = _changed_rows(self.m1, m1)
-            c2 = _changed_rows(self.m2, m2)
-            # G (the competitors' bound per pair) also reads the rewards.
-            self.G[(c1 | (self.m1.R != m1.R)).any(axis=1), :] = np.inf
-            self.G[:, (c2 | (self.m2.R != m2.R)).any(axis=1)] = np.inf
-            if c1.any():
-                s, a = np.nonzero(c1)
-                self.wb[s, :, a] = np.inf
-                self.ex[s, :, a] = -1.0  # expired; the basis stays as a warm start
-            if c2.any():
-                s2, a = np.nonzero(c2)
-                self.wb[:, s2, a] = np.inf
-                self.ex[:, s2, a] = -1.0
-        self.m1, self.m2 = m1, m2
-        self.Pr = self._row_clock()  # at the new masses: Z advances with d only
-
-    def _row_clock(self) -> np.ndarray:
-        """Pr[s, a] = sum_x P(x|s, a) rowC[x]: how far, at most, any coupling of (s, a)'s problems moved."""
-        assert self.m1 is not None
-        return np.einsum("sak,sak->sa", self.m1.mass, self.rowC[self.m1.idx])
-
-    def observe(self, d: np.ndarray) -> None:
-        """d is about to be read: advance cum by how far it moved since last read."""
-        if self.seen is None:
-            self.seen = d.copy()
-            self.Pr = self._row_clock()
-            return
-        moved = d - self.seen
-        self.cum += float(np.max(np.abs(moved), initial=0.0)) * (1.0 + 1e-12)
-        rise = np.max(moved, axis=1, initial=-np.inf)  # signed: wb and G only bound from above
-        self.rowC += rise + 1e-12 * np.abs(rise)
-        self.seen[...] = d
-        old = self.Pr
-        self.Pr = self._row_clock()
-        if old.shape[1]:
-            rise = np.max(self.Pr - old, axis=1)
-            self.Z += rise + 1e-12 * np.abs(rise)
-
-
-def _changed_rows(old: SparseMDP, new: SparseMDP) -> np.ndarray:
-    return (
-        (old.n != new.n)
-        | (old.idx != new.idx).any(axis=-1)
-        | (old.mass != new.mass).any(axis=-1)
-    )
-
-
 def fixed_point(
     m1: SparseMDP,
     m2: SparseMDP,
@@ -190,8 +69,8 @@ def fixed_point(
     tol: float,
     unknown_value: float,
     start: np.ndarray | None = None,
-    workspace: _Workspace | None = None,
-    max_pivots: int = ot_kernel.MAX_PIVOTS,
+    workspace: bellman.Workspace | None = None,
+    max_pivots: int = transport.MAX_PIVOTS,
 ) -> FixedPoint:
     """Fixed point of the DT-BSM operator in which unknown terms are worth `unknown_value`.
 
@@ -208,29 +87,27 @@ def fixed_point(
     S2 = m2.n.shape[0]
     if S1 == 0 or S2 == 0:
         return FixedPoint(np.zeros((S1, S2)), 0, 0.0, 0, 0)
-    ws = workspace or _Workspace()
+    ws = workspace or bellman.Workspace()
     ws.prepare(m1, m2)
     d = _reward_gap(m1, m2, unknown_value) if start is None else np.array(start, dtype=np.float64, copy=True)
     F = np.empty((S1, S2))
     act = ws.act
     tgt, flw = ws.tgt, ws.flw
-    stats = np.zeros((S1, 4), np.int64)
-    gaps = np.zeros(S1)
+    out = bellman.SweepOutput(F, np.zeros((S1, 4), np.int64), np.zeros(S1))
+    stats, gaps = out.stats, out.gaps
     stop = tol * (1.0 - gamma) / gamma
     rows = np.arange(S1)[:, None]
     cols = np.arange(S2)[None, :]
 
     # Small problems run on the calling thread: waking the pool for a millisecond of work costs more than it
-    # saves (and on a busy machine the slowest thread's wake-up dominates).
-    kernel = ot_kernel.sweep if S1 * S2 * A >= _PARALLEL_WORK else ot_kernel.sweep_serial
+    # saves (and on a busy machine the slowest thread's wake-up dominates); so does a one-thread process.
+    parallel = S1 * S2 * A >= _PARALLEL_WORK and numba.get_num_threads() > 1
+    kernel = bellman.sweep if parallel else bellman.sweep_serial
 
     def run(x: np.ndarray, exact: bool) -> float:
         ws.observe(x)
         gaps[:] = 0.0
-        kernel(
-            x, ws.cum, ws.Pr, ws.Z, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
-            gamma, unknown_value, ws.codes, ws.wb, ws.ex, ws.G, ws.exa, F, act, tgt, flw, stats, gaps, max_pivots,
-        )  # fmt: skip
+        kernel(x, ws.cum, m1, m2, ws.state(), gamma, unknown_value, exact, max_pivots, out)
         return float(np.max(np.abs(F - x)))
 
     def base() -> np.ndarray:
@@ -240,7 +117,7 @@ def fixed_point(
     def solve_max_player(x: np.ndarray, inner_tol: float) -> np.ndarray:
         """Policy iteration for the maximising player with the couplings fixed; x holds T_pi(previous)."""
         for _inner in range(_MAX_PLAYER_STEPS):
-            ot_kernel.evaluate_couplings(x, base(), tgt, flw, gamma, inner_tol, 100_000)
+            evaluate_couplings(x, base(), tgt, flw, gamma, inner_tol, 100_000)
             r = run(x, False)
             x[...] = F
             if r <= inner_tol:
@@ -353,8 +230,8 @@ class DTBSMSolver:
     is certified the same way as a cold start, so it equals a cold recompute to the tolerance.
     """
 
-    def __init__(self, max_pivots: int = ot_kernel.MAX_PIVOTS) -> None:
-        self._workspace = _Workspace()
+    def __init__(self, max_pivots: int = transport.MAX_PIVOTS) -> None:
+        self._workspace = bellman.Workspace()
         self._last: dict[str, np.ndarray] = {}
         self._max_pivots = max_pivots
 
