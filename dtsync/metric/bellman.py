@@ -157,17 +157,47 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                 F[s, s2] = total
                 dots += 1
                 continue
-        # (ii) bounds on every action's term; -inf for an unknown one
+        # (ii) bounds on every action's term; -inf for an unknown one, and for a one-point support on either
+        # side, whose only coupling is the product one: its exact term costs what a bound would, so it is taken
         missing = False
-        for b in range(A):
-            if n1[s, b] == 0 or n2[s2, b] == 0:
-                missing = True
-                U[b] = -np.inf
-            else:
-                U[b] = abs(R1[s, b] - R2[s2, b]) + gamma * (wb[s, s2, b] + Pr[s, b]) + margin
         best = -1.0
         best_a = -1
         best_n = 0
+        for b in range(A):
+            k = n1[s, b]
+            kk = n2[s2, b]
+            if k == 0 or kk == 0:
+                missing = True
+                U[b] = -np.inf
+            elif k == 1 or kk == 1:
+                U[b] = -np.inf
+                x0 = idx1[s, b, 0]
+                y0 = idx2[s2, b, 0]
+                value = 0.0
+                if k == 1:
+                    for j in range(kk):
+                        value += p2[s2, b, j] * d[x0, idx2[s2, b, j]]
+                else:
+                    for i in range(k):
+                        value += p1[s, b, i] * d[idx1[s, b, i], y0]
+                wb[s, s2, b] = value - Pr[s, b]
+                ex[s, s2, b] = np.inf
+                dots += 1
+                total = abs(R1[s, b] - R2[s2, b]) + gamma * value
+                if total > best:
+                    best = total
+                    best_a = b
+                    best_n = k + kk - 1
+                    if k == 1:
+                        for j in range(kk):
+                            best_t[j] = x0 * S2 + idx2[s2, b, j]
+                            best_f[j] = p2[s2, b, j]
+                    else:
+                        for i in range(k):
+                            best_t[i] = idx1[s, b, i] * S2 + y0
+                            best_f[i] = p1[s, b, i]
+            else:
+                U[b] = abs(R1[s, b] - R2[s2, b]) + gamma * (wb[s, s2, b] + Pr[s, b]) + margin
         if a >= A or (a >= 0 and U[a] == -np.inf):  # else the previous choice first: it usually stays the
             a = -1  # maximum and prunes the rest
         while True:  # (iv) actions from the largest bound down, until no bound exceeds the best term
@@ -274,7 +304,9 @@ def sweep(d, cum, real, twin, st, gamma, unknown_value, exact, max_pivots, out) 
     (iv) Otherwise actions are visited in decreasing U (the last choice first) and the visit stops once no
         U exceeds the best term found: the unvisited terms are below their bounds, so the maximum is exact.
         In exact mode a visited problem is optimised unless its basis is still optimal (its value is then a
-        dot product) or its current coupling already puts it at or below the best term (dominated).
+        dot product) or its current coupling already puts it at or below the best term (dominated). A problem
+        with a one-point support on either side has a single coupling (the product of its marginals): its exact
+        term, a dot product of k + k' - 1 entries, is taken in place of its bound (ex = inf: always optimal).
     (v) Optimality expiry. A basis proved optimal with smallest off-tree reduced cost `slack` stays optimal while
         no reduced cost turns negative. A reduced cost is C_ij minus the alternating sum of the costs on the
         tree path from i to j (at most 2 min(k, k') - 1 cells), so a change of at most delta per cost moves it
