@@ -78,8 +78,9 @@ def fixed_point(
     re-optimises the couplings that matter; then the maximising player's problem for those fixed couplings
     (an ordinary discounted MDP over pairs, no transport problems) is advanced by `_MAX_PLAYER_STEPS` steps of
     policy iteration, whose improvement steps are cheap pruned sweeps without pivoting. A round is kept only if
-    its exact residual beats gamma times the last one (what a plain sweep guarantees); otherwise the plain
-    sweep's F is taken. Stops once the certified error bound is <= tol; if problems left at the pivot limit keep
+    its exact residual beats gamma times the last one (what a plain sweep guarantees), or if it is provably no
+    farther from the fixed point than the plain sweep (`_closer_from_below`); otherwise the plain sweep's F is
+    taken. Stops once the certified error bound is <= tol; if problems left at the pivot limit keep
     it above tol once the residual is small, up to `_EXTRA_SWEEPS` more exact sweeps resume their simplex, and
     the result then carries the bound it has (error_bound > tol).
     """
@@ -148,7 +149,8 @@ def fixed_point(
             d = F.copy()
             candidate = False
             continue
-        if candidate and res > gamma * accepted_res and accepted_F is not None:
+        worse = candidate and res > gamma * accepted_res and accepted_F is not None
+        if worse and accepted_F is not None and not _closer_from_below(d, F, accepted_F):
             # The round did worse than a plain sweep would have: take the plain sweep instead.
             d = accepted_F
             candidate = False
@@ -160,12 +162,27 @@ def fixed_point(
     raise RuntimeError(f"DT-BSM did not converge in {_MAX_ROUNDS} rounds (residual {res:.3g})")
 
 
+def _closer_from_below(x: np.ndarray, Fx: np.ndarray, F_prev: np.ndarray) -> bool:
+    """x <= F(x) and x >= F(d_prev): then d_prev's plain sweep is no closer to the fixed point d* than x.
+
+    A sub-solution of the monotone operator lies below d* (x <= F(x) <= F(F(x)) ... -> d*), so entrywise
+    0 <= d* - x <= d* - F(d_prev) <= gamma ||d* - d_prev||. At gamma near 1 a policy-iteration round often
+    raises the residual while it gains on the error; this accepts such a round on its error.
+    """
+    margin = 1e-12 * (1.0 + float(np.max(np.abs(Fx), initial=0.0)))
+    return bool(np.all(Fx >= x - margin) and np.all(x >= F_prev - margin))
+
+
 def _reward_gap(m1: SparseMDP, m2: SparseMDP, unknown_value: float) -> np.ndarray:
     """F(0) in closed form (W1 with zero cost is 0): a cold start that needs no transport problem, and whose
-    costs already make the first greedy bases meaningful."""
-    both = m1.known[:, None, :] & m2.known[None, :, :]
-    gap = np.where(both, np.abs(m1.R[:, None, :] - m2.R[None, :, :]), 0.0).max(axis=-1, initial=0.0)
-    return np.where((~both).any(axis=-1), np.maximum(gap, unknown_value), gap)
+    costs already make the first greedy bases meaningful. One action at a time: (S, S') temporaries only."""
+    gap = np.zeros((m1.n.shape[0], m2.n.shape[0]))
+    missing = np.zeros(gap.shape, dtype=bool)
+    for a in range(m1.n.shape[1]):
+        both = m1.known[:, None, a] & m2.known[None, :, a]
+        np.maximum(gap, np.where(both, np.abs(m1.R[:, None, a] - m2.R[None, :, a]), 0.0), out=gap)
+        missing |= ~both
+    return np.where(missing, np.maximum(gap, unknown_value), gap)
 
 
 @dataclass(frozen=True)
@@ -215,6 +232,16 @@ def _validate(name: str, R: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.n
     with np.errstate(invalid="ignore", divide="ignore"):
         P = np.where(sums[..., None] > 0, P / np.where(sums > 0, sums, 1.0)[..., None], 0.0)
     return R, P
+
+
+def _largest_reward_gap(R1: np.ndarray, known1: np.ndarray, R2: np.ndarray, known2: np.ndarray) -> float:
+    """Rbar = max over actions and known pairs of |R(s, a) - R'(s', a)|, from each action's extremes."""
+    rbar = 0.0
+    for a in range(R1.shape[1]):
+        r1, r2 = R1[known1[:, a], a], R2[known2[:, a], a]
+        if r1.size and r2.size:
+            rbar = max(rbar, float(r1.max() - r2.min()), float(r2.max() - r1.min()))
+    return rbar
 
 
 def _complete(R: np.ndarray, P: np.ndarray, R_other: np.ndarray, P_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,9 +313,7 @@ class DTBSMSolver:
 
         known1 = P1.sum(axis=-1) > 0
         known2 = P2.sum(axis=-1) > 0
-        diff = np.abs(R1[:, None, :] - R2[None, :, :])
-        both = known1[:, None, :] & known2[None, :, :]
-        rbar = float(diff[both].max(initial=0.0))
+        rbar = _largest_reward_gap(R1, known1, R2, known2)
         seen = np.concatenate([R1[known1], R2[known2]])
         span = float(seen.max() - seen.min()) if seen.size else 0.0
         if reward_range is not None:
