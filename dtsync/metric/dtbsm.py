@@ -254,7 +254,10 @@ class DTBSMSolver:
     """Computes the metric repeatedly, warm-starting each call from the previous one (sliding windows).
 
     Warm starts keep both the previous fixed points and every transport problem's optimal basis; the result
-    is certified the same way as a cold start, so it equals a cold recompute to the tolerance.
+    is certified the same way as a cold start, so it equals a cold recompute to the tolerance. `max_pivots`
+    caps the simplex per problem and sweep (a problem that reaches it resumes at the next sweep; if some never
+    finish, the result says so: `certified` False, `error_bound` > tol). One numba thread per process
+    (`numba.set_num_threads(1)`) runs every sweep on the calling thread.
     """
 
     def __init__(self, max_pivots: int = transport.MAX_PIVOTS) -> None:
