@@ -1,11 +1,23 @@
-"""DT-BSM engine benchmark: the fast engine against the naive POT baseline, measured in the same run.
+"""DT-BSM engine benchmark: every goal of the engine, measured in one run, against the naive POT baseline.
 
 Run: .venv/bin/python benchmarks/bench_engine.py [--quick]
 
-(1) engine vs naive at S=32, A=4, gamma=0.9 (3-sparse rows): speed-up and agreement;
-(2) a cold computation at S=256, A=16, supports up to 8 (JIT compile timed separately);
-(3) warm refresh at S=64, A=8 after one window step, p50/p99 over ~200 steps, vs cold recompute;
-(4) gamma=0.99 vs gamma=0.9 time ratio at S=32 and S=64.
+The naive baseline is plain fixed-point iteration from d = 0 with one POT `ot.emd2` call per (s, s', a) per sweep
+(`dtsync.metric.naive`). It is *measured* where it finishes in seconds (section 1); elsewhere it is *modelled*:
+seconds per `ot.emd2` call, measured in this run on problems drawn from the case itself, times the calls per sweep
+(S * S' * A), times the sweeps plain iteration needs (log(stop / Rbar) / log(gamma), stop = tol (1-gamma)/gamma;
+section 1 prints this model beside the measured naive run to check it).
+
+Sections: (0) JIT compile; (1) engine vs measured naive at S=32; (2) cold S=256 A=16 supports <= 8 on one core,
+median and worst of 5 random instances; (3) structured sparse MDPs (queue and grid, S=500-1024), time per transport
+problem beside the arithmetic floor; (4) warm refresh after one window step at S=256 A=16; (5) gamma 0.99 / 0.9;
+(6) peak memory of one solve at S=1024 A=8 against the documented bound.
+
+Every timing is of a warmed-up engine: both sweep kernels (serial and parallel) are compiled or loaded before any
+clock starts. (The 15.66 s one-thread S=256 line once printed by `make bench` was that compile: the warm-up ran a
+4-state problem, which only loads the serial kernel, so the parallel one compiled inside the timed region, about
+12 s of CPU with an empty numba cache.) Times are process CPU (this process's threads, all cores) and wall; the
+machine is shared, so the load average is printed with each section.
 """
 
 from __future__ import annotations
@@ -13,22 +25,31 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numba
 import numpy as np
+import ot
+from numba import njit
 
+from dtsync.metric import bellman
 from dtsync.metric.dtbsm import DTBSMSolver, dtbsm
 from dtsync.metric.naive import dtbsm_naive
+from dtsync.metric.sparse import SparseMDP
 
 SEED = 20250224
 TOL = 1e-8
 
 Arrays = tuple[np.ndarray, np.ndarray]
+
+
+# --- MDPs ----------------------------------------------------------------------------------------------------
 
 
 def random_mdp(rng: np.random.Generator, S: int, A: int, k_max: int, k_min: int | None = None) -> Arrays:
@@ -50,31 +71,72 @@ def perturb(rng: np.random.Generator, R: np.ndarray, P: np.ndarray, scale: float
     return R2, P2 / P2.sum(axis=2, keepdims=True)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
+def queue_mdp(S: int, A: int, deterministic: bool, load: float = 0.0) -> Arrays:
+    """Queue length 0..S-1; action a serves at rate mu_a. Real: up, down or stay (3 next states); the twin's
+    fluid model: deterministic drift (1 next state). Reward: minus the backlog and the service effort."""
+    R = np.zeros((S, A))
+    P = np.zeros((S, A, S))
+    for s in range(S):
+        for a in range(A):
+            mu = 0.2 + 0.6 * a / max(A - 1, 1)
+            lam = 0.5 + load
+            R[s, a] = -s / S - 0.1 * a
+            up, down = min(S - 1, s + 1), max(0, s - 1)
+            if deterministic:
+                P[s, a, up if lam * (1 - mu) > 0.5 * mu else down] = 1.0
+            else:
+                P[s, a, up] += lam * (1 - mu)
+                P[s, a, down] += 0.5 * mu
+                P[s, a, s] += 1.0 - lam * (1 - mu) - 0.5 * mu
+    return R, P
+
+
+_MOVES4 = [(-1, 0), (0, 1), (1, 0), (0, -1)]
+_MOVES8 = [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]
+
+
+def grid_mdp(side: int, A: int, slip: float) -> Arrays:
+    """side x side grid, A in {4, 8} moves; the intended move w.p. 1 - slip, each of the two neighbouring
+    directions w.p. slip / 2 (a wall keeps the agent in place: supports of 1-3 states). Reward 1 at the goal
+    corner, a small cost per move elsewhere."""
+    moves = _MOVES4 if A == 4 else _MOVES8
+    S = side * side
+    R = np.full((S, A), -0.01)
+    R[S - 1] = 1.0
+    P = np.zeros((S, A, S))
+    for r in range(side):
+        for c in range(side):
+            for a in range(A):
+                for da, p in ((0, 1.0 - slip), (-1, slip / 2), (1, slip / 2)):
+                    if p > 0.0:
+                        dr, dc = moves[(a + da) % A]
+                        rr, cc = min(side - 1, max(0, r + dr)), min(side - 1, max(0, c + dc))
+                        P[r * side + c, a, rr * side + cc] += p
+    return R, P
+
+
+# --- measuring ------------------------------------------------------------------------------------------------
+
+
+def cpu_timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result)."""
+    w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
-
-
-def best_of(fn: Callable[[], object], repeats: int, budget: float = 2.0) -> tuple[float, object]:
-    """Fastest of up to `repeats` runs (fewer once `budget` seconds are spent): the least noisy estimate."""
-    best, out = timed(fn)
-    spent = best
-    for _ in range(repeats - 1):
-        if spent > budget:
-            break
-        t, out = timed(fn)
-        spent += t
-        best = min(best, t)
-    return best, out
+    return time.perf_counter() - w0, time.process_time() - c0, out
 
 
 def fmt_time(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
     if seconds >= 1.0:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.0f} us"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 class Table:
@@ -91,6 +153,78 @@ class Table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
+def pot_seconds_per_call(R: np.ndarray, P: np.ndarray, R2: np.ndarray, P2: np.ndarray, calls: int = 3000) -> float:
+    """Seconds per `ot.emd2` call on problems drawn from this pair (its supports, a random cost matrix), as the
+    naive baseline calls it (slicing, normalising and the cost matrix included)."""
+    rng = np.random.default_rng(SEED)
+    S, A = R.shape
+    S2 = R2.shape[0]
+    d = rng.random((S, S2))
+    picks = [(int(rng.integers(S)), int(rng.integers(S2)), int(rng.integers(A))) for _ in range(calls)]
+    start = time.process_time()
+    for s, t, a in picks:
+        x, y = np.flatnonzero(P[s, a]), np.flatnonzero(P2[t, a])
+        p, q = P[s, a, x], P2[t, a, y]
+        ot.emd2(p / p.sum(), q / q.sum(), np.ascontiguousarray(d[np.ix_(x, y)]))
+    return (time.process_time() - start) / calls
+
+
+def plain_sweeps(R: np.ndarray, R2: np.ndarray, gamma: float) -> int:
+    """Sweeps plain iteration from 0 needs: its step n is at most gamma^(n-1) Rbar (Rbar = the first step)."""
+    rbar = float(np.abs(R[:, None, :] - R2[None, :, :]).max())
+    stop = TOL * (1.0 - gamma) / gamma
+    return 1 + max(0, math.ceil(math.log(stop / rbar) / math.log(gamma)))
+
+
+def modelled_naive(R: np.ndarray, P: np.ndarray, R2: np.ndarray, P2: np.ndarray, gamma: float) -> float:
+    return pot_seconds_per_call(R, P, R2, P2) * R.shape[0] * R2.shape[0] * R.shape[1] * plain_sweeps(R, R2, gamma)
+
+
+@njit(cache=True)
+def _corner_dots(d, real, twin) -> float:
+    """The arithmetic floor: for every problem, the value of one coupling with the fewest cells (north-west
+    corner, k + k' - 1 cells), a dot product over those cells; what an exact sweep costs at best."""
+    S1, A = real.n.shape
+    S2 = twin.n.shape[0]
+    cr = np.empty(real.idx.shape[2])
+    cd = np.empty(twin.idx.shape[2])
+    acc = 0.0
+    for s in range(S1):
+        for s2 in range(S2):
+            for a in range(A):
+                k, kk = real.n[s, a], twin.n[s2, a]
+                for i in range(k):
+                    cr[i] = real.mass[s, a, i]
+                for j in range(kk):
+                    cd[j] = twin.mass[s2, a, j]
+                i = 0
+                j = 0
+                while i < k and j < kk:
+                    f = min(cr[i], cd[j])
+                    acc += f * d[real.idx[s, a, i], twin.idx[s2, a, j]]
+                    cr[i] -= f
+                    cd[j] -= f
+                    if cr[i] <= cd[j]:
+                        i += 1
+                    else:
+                        j += 1
+    return acc
+
+
+def floor_seconds(R: np.ndarray, P: np.ndarray, R2: np.ndarray, P2: np.ndarray) -> float:
+    m1, m2 = SparseMDP.from_dense(R, P), SparseMDP.from_dense(R2, P2)
+    d = np.random.default_rng(0).random((R.shape[0], R2.shape[0]))
+    _corner_dots(d, m1, m2)
+    best = np.inf
+    for _ in range(3):
+        start = time.process_time()
+        _corner_dots(d, m1, m2)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+# --- sections -------------------------------------------------------------------------------------------------
+
 _FIRST_CALL = """
 import time, numpy as np
 from dtsync.metric.dtbsm import dtbsm
@@ -106,59 +240,115 @@ print((t1 - t0) - (t2 - t1))
 def first_call_overhead(cache_dir: str | None) -> float:
     """Extra cost of the first engine call in a fresh process; with an empty numba cache, a full compile."""
     env = dict(os.environ, **({"NUMBA_CACHE_DIR": cache_dir} if cache_dir else {}))
-    cmd = [sys.executable, "-c", _FIRST_CALL]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
 
 
+def warm_up() -> None:
+    """Compile or load both sweep kernels (the parallel one is only picked for large problems, so a small
+    `dtbsm` call alone would leave it to compile inside the first large timing)."""
+    rng = np.random.default_rng(SEED)
+    R, P = random_mdp(rng, 6, 2, 2)
+    R2, P2 = perturb(rng, R, P)
+    dtbsm(R, P, R2, P2, 0.9, tol=TOL)
+    m1, m2 = SparseMDP.from_dense(R, P), SparseMDP.from_dense(R2, P2)
+    ws = bellman.Workspace()
+    ws.prepare(m1, m2)
+    d = np.zeros((6, 6))
+    ws.observe(d)
+    out = bellman.SweepOutput(np.empty((6, 6)), np.zeros((6, 4), np.int64), np.zeros(6))
+    bellman.sweep(d, ws.cum, m1, m2, ws.state(), 0.9, 0.0, True, 10, out)
+
+
 def bench_compile(table: Table) -> None:
-    """Kernels compile on first use; every later figure excludes that (the engine is warmed up in-process)."""
     print("(0) JIT compile in a fresh process ...", flush=True)
     with tempfile.TemporaryDirectory() as empty_cache:
         compile_time = first_call_overhead(empty_cache)
-    table.add("JIT compile, empty cache (excluded below)", "report", fmt_time(compile_time), None)
-    table.add("first call, numba cache warm", "report", fmt_time(first_call_overhead(None)), None)
-    rng = np.random.default_rng(SEED)
-    R, P = random_mdp(rng, 4, 2, 2)
-    dtbsm(R, P, *perturb(rng, R, P), 0.9, tol=TOL)
+    table.add("(0) JIT compile, empty numba cache (once per install)", "report", fmt_time(compile_time), None)
+    table.add("(0) first call, numba cache warm", "report", fmt_time(first_call_overhead(None)), None)
+    _w, cpu, _ = cpu_timed(warm_up)
+    print(f"    in-process warm-up of both sweep kernels {fmt_time(cpu)} CPU; "
+          f"numba threading layer: {numba.threading_layer()}")
 
 
 def bench_vs_naive(table: Table, S: int) -> None:
     rng = np.random.default_rng(SEED + 1)
     R, P = random_mdp(rng, S, 4, 3)
     R2, P2 = perturb(rng, R, P)
-    print(f"(1) naive baseline at S={S}, A=4 ...", flush=True)
-    t_naive, (d_naive, sweeps) = timed(lambda: dtbsm_naive(R, P, R2, P2, 0.9, tol=TOL))
-    t_engine, res = best_of(lambda: dtbsm(R, P, R2, P2, 0.9, tol=TOL), repeats=5)
-    speedup = t_naive / t_engine
+    print(f"(1) measured naive baseline at S={S}, A=4, 3-point supports ({load()}) ...", flush=True)
+    _w, t_naive, (d_naive, sweeps) = cpu_timed(lambda: dtbsm_naive(R, P, R2, P2, 0.9, tol=TOL))
+    runs = [cpu_timed(lambda: dtbsm(R, P, R2, P2, 0.9, tol=TOL)) for _ in range(5)]
+    t_engine = float(np.median([c for _w, c, _r in runs]))
+    res = runs[0][2]
+    model = modelled_naive(R, P, R2, P2, 0.9)
     err = float(np.max(np.abs(res.d - d_naive)))
-    print(f"    naive {fmt_time(t_naive)} ({sweeps} sweeps), engine {fmt_time(t_engine)} "
-          f"({res.iterations} iterations)")
-    table.add(f"(1) speed-up vs naive, S={S} A=4 g=0.9", ">= 1000x", f"{speedup:,.0f}x", speedup >= 1000)
+    print(f"    naive {fmt_time(t_naive)} CPU ({sweeps} sweeps; model {fmt_time(model)}, "
+          f"{plain_sweeps(R, R2, 0.9)} sweeps), engine {fmt_time(t_engine)} CPU (median of 5)")
+    table.add(f"(1) speed-up vs measured naive, S={S} A=4 g=0.9", ">= 1000x", f"{t_naive / t_engine:,.0f}x "
+              f"(naive {fmt_time(t_naive)}, model {fmt_time(model)})", t_naive / t_engine >= 1000)
     table.add("(1) max |d_engine - d_naive|", "<= 1e-6", f"{err:.1e}", err <= 1e-6)
 
 
-def bench_cold_large(table: Table) -> None:
-    """The goal is for one core: measured with numba's pool set to 1 thread, and again with every thread."""
-    rng = np.random.default_rng(SEED + 2)
-    R, P = random_mdp(rng, 256, 16, 8, k_min=1)
-    R2, P2 = perturb(rng, R, P)
+def bench_cold_large(table: Table, S: int, instances: int) -> None:
+    """One core: numba's pool set to 1 thread (the engine then runs its serial kernel). Then all threads."""
     threads = numba.get_num_threads()
-    for n in sorted({1, threads}):
-        numba.set_num_threads(n)
-        try:
-            print(f"(2) cold S=256, A=16, supports <= 8, {n} thread(s) ...", flush=True)
-            cpu0 = time.process_time()
-            t_cold, res = best_of(lambda: dtbsm(R, P, R2, P2, 0.9, tol=TOL), repeats=3)
-            cpu = time.process_time() - cpu0
-        finally:
-            numba.set_num_threads(threads)
-        print(f"    {fmt_time(t_cold)} (process CPU over all runs {fmt_time(cpu)}), {res.iterations} iterations, "
-              f"mismatch {res.mismatch:.4f}")
-        if n == 1:
-            table.add("(2) cold S=256 A=16 k<=8 g=0.9, 1 thread", "< 1 s", fmt_time(t_cold), t_cold < 1.0)
-        else:
-            table.add(f"(2) same, {n} threads", "report", fmt_time(t_cold), None)
+    print(f"(2) cold S={S}, A=16, supports 1..8, {instances} random instances, 1 thread ({load()}) ...", flush=True)
+    cpus, walls, pairs = [], [], []
+    numba.set_num_threads(1)
+    try:
+        for i in range(instances):
+            rng = np.random.default_rng(SEED + 2 + i)
+            R, P = random_mdp(rng, S, 16, 8, k_min=1)
+            R2, P2 = perturb(rng, R, P)
+            wall, cpu, res = cpu_timed(lambda R=R, P=P, R2=R2, P2=P2: dtbsm(R, P, R2, P2, 0.9, tol=TOL))
+            cpus.append(cpu)
+            walls.append(wall)
+            pairs.append((R, P, R2, P2))
+            print(f"    instance {i}: {fmt_time(cpu)} CPU, {fmt_time(wall)} wall, {res.iterations} sweeps, "
+                  f"{res.pivots} pivots", flush=True)
+    finally:
+        numba.set_num_threads(threads)
+    median, worst = float(np.median(cpus)), max(cpus)
+    model = modelled_naive(*pairs[0], 0.9)
+    table.add(f"(2) cold S={S} A=16 k<=8, 1 core, median of {instances}", "< 1 s",
+              f"{fmt_time(median)} CPU (wall {fmt_time(float(np.median(walls)))})", median < 1.0)
+    table.add("(2) same, worst instance", "report", fmt_time(worst), None)
+    table.add("(2) modelled naive, instance 0", "report", f"{fmt_time(model)} ({model / cpus[0]:,.0f}x)", None)
+    if threads > 1:
+        wall, cpu, _ = cpu_timed(lambda: dtbsm(*pairs[0], 0.9, tol=TOL))
+        table.add(f"(2) instance 0, {threads} threads", "report", f"{fmt_time(wall)} wall ({fmt_time(cpu)} CPU)",
+                  None)
+
+
+def structured_cases(quick: bool) -> list[tuple[str, tuple[np.ndarray, ...]]]:
+    if quick:
+        return [("queue S=200 A=6, 3 x 1", (*queue_mdp(200, 6, False), *queue_mdp(200, 6, True)))]
+    return [
+        ("queue S=500 A=6, 3 x 1", (*queue_mdp(500, 6, False), *queue_mdp(500, 6, True))),
+        ("queue S=1000 A=8, 3 x 1", (*queue_mdp(1000, 8, False), *queue_mdp(1000, 8, True, load=0.1))),
+        ("grid S=900 A=4, 1-3 x 1-3", (*grid_mdp(30, 4, 0.2), *grid_mdp(30, 4, 0.3))),
+    ]
+
+
+def bench_structured(table: Table, quick: bool) -> None:
+    numba.set_num_threads(1)
+    try:
+        for name, (R, P, R2, P2) in structured_cases(quick):
+            R2 = R2 + 0.05  # the twin's reward model is slightly off too
+            print(f"(3) structured {name}, 1 thread ({load()}) ...", flush=True)
+            wall, cpu, res = cpu_timed(lambda R=R, P=P, R2=R2, P2=P2: dtbsm(R, P, R2, P2, 0.9, tol=TOL))
+            model = modelled_naive(R, P, R2, P2, 0.9)
+            per_sweep = R.shape[0] * R2.shape[0] * R.shape[1]
+            floor = floor_seconds(R, P, R2, P2) / per_sweep
+            engine_per = cpu / (per_sweep * res.iterations)
+            print(f"    {fmt_time(cpu)} CPU, {fmt_time(wall)} wall, {res.iterations} exact sweeps; naive model "
+                  f"{fmt_time(model)}")
+            table.add(f"(3) {name}: speed-up vs modelled naive", ">= 50,000x",
+                      f"{model / cpu:,.0f}x ({fmt_time(cpu)} vs {fmt_time(model)})", model / cpu >= 50_000)
+            table.add(f"(3) {name}: per problem per exact sweep, all costs / arithmetic floor", "report",
+                      f"{engine_per * 1e9:.1f} ns / {floor * 1e9:.1f} ns", None)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 def window_steps(rng: np.random.Generator, counts: np.ndarray, R: np.ndarray, steps: int) -> list[Arrays]:
@@ -180,75 +370,122 @@ def window_steps(rng: np.random.Generator, counts: np.ndarray, R: np.ndarray, st
     return out
 
 
-def bench_warm(table: Table, steps: int, cold_every: int) -> None:
-    S, A = 64, 8
+def bench_warm(table: Table, S: int, A: int, steps: int, colds: int) -> None:
     rng = np.random.default_rng(SEED + 3)
-    R, P = random_mdp(rng, S, A, 4, k_min=1)
+    R, P = random_mdp(rng, S, A, 8, k_min=1)
     R2, P2 = perturb(rng, R, P)
     counts = np.round(P * 20) + (P > 0)  # about 20 transitions per row, every support state seen
     sequence = window_steps(rng, counts, R, steps)
-    print(f"(3) warm refresh S={S}, A={A}, {steps} window steps ...", flush=True)
-    solver = DTBSMSolver()
-    solver.solve(R, counts / counts.sum(axis=2, keepdims=True), R2, P2, 0.9, tol=TOL)
-    warm_times, warm_d = [], []
-    for Rs, Ps in sequence:
-        t, res = timed(lambda Rs=Rs, Ps=Ps: solver.solve(Rs, Ps, R2, P2, 0.9, tol=TOL))
-        warm_times.append(t)
-        warm_d.append(res.d)
-    cold_times, err = [], 0.0
-    for i in range(0, steps, cold_every):
-        Rs, Ps = sequence[i]
-        t, res = timed(lambda Rs=Rs, Ps=Ps: dtbsm(Rs, Ps, R2, P2, 0.9, tol=TOL))
-        cold_times.append(t)
-        err = max(err, float(np.max(np.abs(res.d - warm_d[i]))))
-    p50, p99 = np.percentile(warm_times, [50, 99])
-    cold50 = float(np.median(cold_times))
-    print(f"    warm p50 {fmt_time(p50)}, p99 {fmt_time(p99)}; cold p50 {fmt_time(cold50)} "
-          f"over {len(cold_times)} of the steps; max |warm - cold| {err:.1e}")
-    table.add(f"(3) warm refresh p99, S={S} A={A}", "< 20 ms", fmt_time(p99), p99 < 0.020)
-    table.add("(3) warm refresh p50", "report", fmt_time(p50), None)
-    cold_text = f"{fmt_time(cold50)} ({cold50 / p50:.0f}x warm)"
-    table.add("(3) cold recompute p50 (same steps)", "report", cold_text, None)
-    table.add("(3) max |d_warm - d_cold|", "<= 2e-8", f"{err:.1e}", err <= 2 * TOL)
+    print(f"(4) warm refresh S={S}, A={A}, {steps} window steps, 1 thread ({load()}) ...", flush=True)
+    numba.set_num_threads(1)
+    try:
+        solver = DTBSMSolver()
+        solver.solve(R, counts / counts.sum(axis=2, keepdims=True), R2, P2, 0.9, tol=TOL)
+        cpu_times, wall_times, warm_d = [], [], []
+        for Rs, Ps in sequence:
+            wall, cpu, res = cpu_timed(lambda Rs=Rs, Ps=Ps: solver.solve(Rs, Ps, R2, P2, 0.9, tol=TOL))
+            cpu_times.append(cpu)
+            wall_times.append(wall)
+            warm_d.append(res.d)
+        cold_cpu, err = [], 0.0
+        for i in np.linspace(0, steps - 1, colds).astype(int):
+            Rs, Ps = sequence[i]
+            _w, cpu, res = cpu_timed(lambda Rs=Rs, Ps=Ps: dtbsm(Rs, Ps, R2, P2, 0.9, tol=TOL))
+            cold_cpu.append(cpu)
+            err = max(err, float(np.max(np.abs(res.d - warm_d[i]))))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    p50, p99 = np.percentile(cpu_times, [50, 99])
+    w99 = float(np.percentile(wall_times, 99))
+    print(f"    warm p50 {fmt_time(p50)}, p99 {fmt_time(p99)} CPU (wall p99 {fmt_time(w99)}); cold "
+          f"{fmt_time(float(np.median(cold_cpu)))}; max |warm - cold| {err:.1e}")
+    table.add(f"(4) warm refresh p99, S={S} A={A}, 1 core", "< 100 ms",
+              f"{fmt_time(p99)} CPU (wall {fmt_time(w99)}), p50 {fmt_time(p50)}", p99 < 0.100)
+    table.add(f"(4) cold recompute, median of {colds} of the steps", "report", fmt_time(float(np.median(cold_cpu))),
+              None)
+    table.add("(4) max |d_warm - d_cold|", "<= 2e-8", f"{err:.1e}", err <= 2 * TOL)
 
 
-def time_gamma(S: int, gamma: float) -> tuple[float, int]:
-    rng = np.random.default_rng(SEED + 4 + S)  # same MDP pair for both discounts
-    R, P = random_mdp(rng, S, 4, 3)
-    R2, P2 = perturb(rng, R, P)
-    t, res = best_of(lambda: dtbsm(R, P, R2, P2, gamma, tol=TOL), repeats=3)
-    return t, res.iterations
+def bench_gamma(table: Table, quick: bool) -> None:
+    rng = np.random.default_rng(SEED + 4)
+    R, P = random_mdp(rng, 64, 8, 4, k_min=1)
+    cases = [("random S=64 A=8 k<=4", (R, P, *perturb(rng, R, P)))]
+    S = 100 if quick else 200
+    cases.append((f"queue S={S} A=6 3 x 1", (*queue_mdp(S, 6, False), *queue_mdp(S, 6, True))))
+    numba.set_num_threads(1)
+    try:
+        for name, pair in cases:
+            print(f"(5) gamma 0.99 vs 0.9, {name} ({load()}) ...", flush=True)
+            out = {}
+            for g in (0.9, 0.99):
+                runs = [cpu_timed(lambda g=g, pair=pair: dtbsm(*pair, g, tol=TOL)) for _ in range(3)]
+                out[g] = (float(np.median([c for _w, c, _r in runs])), runs[0][2].iterations)
+            ratio = out[0.99][0] / out[0.9][0]
+            print(f"    g=0.9 {fmt_time(out[0.9][0])} ({out[0.9][1]} exact sweeps), g=0.99 {fmt_time(out[0.99][0])} "
+                  f"({out[0.99][1]} exact sweeps)")
+            table.add(f"(5) time g=0.99 / g=0.9, {name}", "<= 3x", f"{ratio:.1f}x", ratio <= 3.0)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-def bench_gamma(table: Table) -> None:
-    # Plain iteration needs about log(tol (1-g)) / log(g) sweeps: its 0.99 / 0.9 ratio is the reference.
-    def sweeps(g: float) -> float:
-        return math.log(TOL * (1 - g)) / math.log(g)
+def memory_bound(S1: int, S2: int, A: int, K1: int, K2: int) -> int:
+    """Bytes one solve allocates at its peak, inputs excluded (README, Performance):
 
-    reference = sweeps(0.99) / sweeps(0.9)
-    for S in (32, 64):
-        t9, it9 = time_gamma(S, 0.9)
-        t99, it99 = time_gamma(S, 0.99)
-        print(f"(4) S={S}: g=0.9 {fmt_time(t9)} ({it9} it), g=0.99 {fmt_time(t99)} ({it99} it)")
-        ratio = t99 / t9
-        table.add(f"(4) time g=0.99 / g=0.9, S={S} A=4", f"< {reference:.0f}x (plain iter.)", f"{ratio:.1f}x",
-                  ratio < reference)
+        S1 S2 A (4 nb + 16)  +  S1 S2 (16 nb + 192)  +  16 A (S1^2 + S2^2)  +  24 A (S1 K1 + S2 K2),
+        nb = 2 max(K1, K2) - 1.
+
+    Per transport problem an int32 tree basis of nb cells and two float anchors (wb, ex); per pair the chosen
+    coupling (int64 targets, float masses) and at most 24 float / int64 (S1, S2) arrays alive at once (the
+    workspace's act, G, exa and last d; the loop's d, F and accepted F; the fixed points kept for warm starts
+    and returned; the loop's temporaries); the validated dense copies of both P (twice when data is missing:
+    the point estimate's completions) and the sparse supports (int64 indices, float masses, support sizes).
+    Numba's per-thread scratch (a few K x K arrays) is not counted."""
+    nb = 2 * max(K1, K2) - 1
+    return S1 * S2 * A * (4 * nb + 16) + S1 * S2 * (16 * nb + 192) + 16 * A * (S1 * S1 + S2 * S2) + 24 * A * (
+        S1 * K1 + S2 * K2
+    )
+
+
+def bench_memory(table: Table, side: int, A: int) -> None:
+    """Peak of the Python and numpy heap during one cold solve (tracemalloc: numpy reports its buffers to it)."""
+    S = side * side
+    R, P = grid_mdp(side, A, 0.2)
+    R2, P2 = grid_mdp(side, A, 0.0)
+    print(f"(6) peak memory of one solve at S={S}, A={A} (grid, slip 0.2 vs a deterministic twin) ({load()}) ...",
+          flush=True)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    _w, cpu, res = cpu_timed(lambda: dtbsm(R, P, R2, P2, 0.9, tol=TOL))
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    K1, K2 = int((P > 0).sum(-1).max()), int((P2 > 0).sum(-1).max())
+    bound = memory_bound(S, S, A, K1, K2)
+    mib = 1024 * 1024
+    print(f"    {fmt_time(cpu)} CPU, {res.iterations} exact sweeps, supports <= {K1} / {K2}")
+    table.add(f"(6) peak memory of one solve, S={S} A={A}", "<= formula", f"{peak / mib:,.0f} MiB (formula "
+              f"{bound / mib:,.0f} MiB)", peak <= bound)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="naive at S=16, fewer cold recomputes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about a minute)")
     args = parser.parse_args()
-    # The engine runs on numba's thread pool, the naive baseline on one core: say which machine this was.
-    print(f"seed {SEED}, tol {TOL:g}, {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    q = args.quick
+    print(f"seed {SEED}, tol {TOL:g}, {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()}, {load()}; "
+          f"times are process CPU unless marked wall")
+    start = time.perf_counter()
     table = Table()
     bench_compile(table)
-    bench_vs_naive(table, S=16 if args.quick else 32)
-    bench_cold_large(table)
-    bench_warm(table, steps=200, cold_every=20 if args.quick else 1)
-    bench_gamma(table)
-    print()
+    bench_vs_naive(table, S=16 if q else 32)
+    bench_cold_large(table, S=64 if q else 256, instances=5)
+    bench_structured(table, q)
+    bench_warm(table, S=64 if q else 256, A=16, steps=50 if q else 200, colds=3 if q else 5)
+    bench_gamma(table, q)
+    bench_memory(table, side=16 if q else 32, A=8)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"\nwhole run: {fmt_time(time.perf_counter() - start)} wall, {fmt_time(usage.ru_utime + usage.ru_stime)} "
+          f"CPU; {load()}\n")
     table.print()
 
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from dtsync.metric import ot_kernel
+from dtsync.metric import bellman, evaluation, sparse, transport
 from dtsync.metric.dtbsm import DTBSMSolver, dtbsm
 from dtsync.metric.naive import dtbsm_naive
 
@@ -156,9 +156,12 @@ def test_bad_input_is_a_clear_error(bad: dict, message: str) -> None:
 # --- the kernels release the GIL (the daemon runs the metric in a worker thread next to its event loop) ----
 
 
-@pytest.mark.parametrize("name", ["sweep", "solve_transport", "evaluate_couplings", "sparse_rows"])
-def test_kernels_release_the_gil_and_stay_cached(name: str) -> None:
-    kernel = getattr(ot_kernel, name)
+@pytest.mark.parametrize(
+    "kernel",
+    [bellman.sweep, bellman.sweep_serial, transport.emd, evaluation.evaluate_couplings, sparse.sparse_rows],
+    ids=lambda k: k.__name__,
+)
+def test_kernels_release_the_gil_and_stay_cached(kernel) -> None:
     assert kernel.targetoptions.get("nogil") is True
     assert type(kernel._cache).__name__ != "NullCache"  # cache=True: no recompile per process
 
@@ -171,16 +174,16 @@ def _busy_kernel_call(seconds: float) -> tuple[float, float]:
     base = rng.random((S, S))
     tgt = rng.integers(0, S * S, size=(S, S, nb))
     flw = np.full((S, S, nb), 1.0 / nb)
-    ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, 1)  # loads the kernel
+    evaluation.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, 1)  # loads the kernel
     passes, took = 1, 0.0
     while took < 0.05:  # calibrate
         passes *= 2
         start = time.perf_counter()
-        ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
+        evaluation.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
         took = time.perf_counter() - start
     passes = int(passes * seconds / took) + 1
     start = time.perf_counter()
-    ot_kernel.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
+    evaluation.evaluate_couplings(x, base, tgt, flw, 0.9, -1.0, passes)
     return start, time.perf_counter()
 
 
@@ -222,3 +225,78 @@ def test_warm_start_after_the_metric_falls_or_rises_matches_naive() -> None:
         res = solver.solve(R1 * scale, P1, R2, Q2, 0.9)
         ref, _ = dtbsm_naive(R1 * scale, P1, R2, Q2, 0.9)
         assert np.abs(res.d - ref).max() < 2e-8
+
+
+def _window_sequence_with_holes(rng: np.random.Generator, S: int, A: int, steps: int) -> list[tuple[np.ndarray, ...]]:
+    """Successive (real, twin) window pairs: masses drift, and state-actions go silent and come back. The real
+    side is deterministic (1-point supports: 1 x k problems, whose single basis never expires), the twin is not."""
+    R1, P1 = random_mdp(rng, S, A, k=1)
+    R2, P2 = random_mdp(rng, S, A, k=3)
+    out = []
+    for _ in range(steps):
+        P1 = np.where(P1 > 0, P1 * np.exp(0.2 * rng.standard_normal(P1.shape)), 0.0)
+        P1 /= P1.sum(axis=-1, keepdims=True)
+        R1 = np.clip(R1 + 0.05 * rng.standard_normal(R1.shape), 0.0, 1.0)
+        holes1 = rng.random((S, A)) < 0.15
+        holes2 = rng.random((S, A)) < 0.05
+        out.append((R1.copy(), np.where(holes1[..., None], 0.0, P1), R2.copy(), np.where(holes2[..., None], 0.0, P2)))
+    return out
+
+
+def test_warm_upper_solve_with_holes_equals_cold_and_plain_value_iteration() -> None:
+    """One solver serves the lower, upper and point solves in turn. Bounds cached by the lower solve (unknown
+    terms worth 0) must not be reused by the upper solve (unknown terms worth Rbar / (1 - gamma)): along window
+    sequences with holes, the warm d_upper equals a cold solve and plain value iteration with POT."""
+    gamma = 0.9
+    upper_value = 1.0 / (1.0 - gamma)  # rewards and the configured range in [0, 1]
+    worst = 0.0
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        solver = DTBSMSolver()
+        for R1, P1, R2, P2 in _window_sequence_with_holes(rng, 6, 3, 4):
+            warm = solver.solve(R1, P1, R2, P2, gamma, reward_range=(0.0, 1.0))
+            cold = dtbsm(R1, P1, R2, P2, gamma, reward_range=(0.0, 1.0))
+            worst = max(worst, float(np.abs(warm.d_upper - cold.d_upper).max()))
+            for name in ("d", "d_lower"):
+                assert np.abs(getattr(warm, name) - getattr(cold, name)).max() <= 2e-8, name
+    assert worst <= 2e-8
+    # and the last step against plain value iteration, in upper and lower mode
+    ref_upper, _ = dtbsm_naive(R1, P1, R2, P2, gamma, unknown_value=upper_value)
+    ref_lower, _ = dtbsm_naive(R1, P1, R2, P2, gamma, unknown_value=0.0)
+    assert np.abs(warm.d_upper - ref_upper).max() <= 2e-8
+    assert np.abs(warm.d_lower - ref_lower).max() <= 2e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_problems_left_at_the_pivot_limit_widen_the_certificate(seed: int) -> None:
+    """With no pivot allowed, the greedy couplings stay where they are: the result must say that its tolerance
+    does not hold, and its error bound must still contain the exact metric (lower, upper and point)."""
+    rng = np.random.default_rng(seed)
+    R1, P1 = random_mdp(rng, 8, 3, k=4)
+    R2, P2 = random_mdp(rng, 8, 3, k=4)
+    P2[5, 1] = 0.0  # a hole, so the upper and point solves run too
+    res = DTBSMSolver(max_pivots=0).solve(R1, P1, R2, P2, 0.9, reward_range=(0.0, 1.0))
+    assert res.unfinished > 0
+    assert not res.certified and res.error_bound > 1e-8
+    errors = []
+    for name, unknown in (("d_lower", 0.0), ("d_upper", 10.0)):
+        ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9, tol=1e-10, unknown_value=unknown)
+        errors.append(float(np.abs(getattr(res, name) - ref).max()))
+    P2c = P2.copy()
+    P2c[5, 1] = P1[5, 1]  # the point estimate's completion
+    R2c = R2.copy()
+    R2c[5, 1] = R1[5, 1]
+    ref, _ = dtbsm_naive(R1, P1, R2c, P2c, 0.9, tol=1e-10)
+    errors.append(float(np.abs(res.d - ref).max()))
+    assert max(errors) > 1e-6  # the limit really left the result inexact...
+    assert max(errors) <= res.error_bound  # ...and the bound says by how much, at most
+
+
+def test_a_small_pivot_limit_resumes_across_sweeps_and_still_certifies() -> None:
+    rng = np.random.default_rng(3)
+    R1, P1 = random_mdp(rng, 8, 3, k=4)
+    R2, P2 = random_mdp(rng, 8, 3, k=4)
+    res = DTBSMSolver(max_pivots=1).solve(R1, P1, R2, P2, 0.9)
+    ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9, tol=1e-10)
+    assert res.certified and res.unfinished == 0 and res.error_bound <= 1e-8
+    assert np.abs(res.d - ref).max() <= 1e-8

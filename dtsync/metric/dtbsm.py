@@ -11,8 +11,11 @@ transport problem solved to optimality, warm-started from its last basis) and re
 optimal couplings; the evaluation step then solves the linear system those choices define (Gauss-Seidel), which
 jumps close to the fixed point in a few rounds at any gamma. Switching actions and couplings together can cycle,
 so a candidate is kept only if its residual beats what a plain sweep guarantees (gamma times the last residual);
-otherwise the plain sweep's result is taken. Every result is certified by a final sweep: with residual
-||F(d) - d|| <= tol * (1 - gamma) / gamma, the returned F(d) is within tol of the fixed point in the sup norm.
+otherwise the plain sweep's result is taken. Every result is certified by a final exact sweep. With residual
+res = ||F~ - d|| of the computed F~, and e >= ||F~ - F(d)|| (gamma times the largest duality gap of a transport
+problem the simplex left at its pivot limit; 0 when every one was solved), F~ lies within
+(gamma * res + e) / (1 - gamma) of the fixed point in the sup norm: ||F~ - d*|| <= e + gamma ||d - d*|| and
+||d - d*|| <= (res + e) / (1 - gamma). That bound is returned; it is <= tol unless the result says otherwise.
 
 Missing data (documented rule): a state-action with no samples in one window makes the term of that action unknown
 for every pair it touches. The *lower* (optimistic) metric skips unknown terms; the *upper* (pessimistic) metric
@@ -29,9 +32,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
-from dtsync.metric import ot_kernel
+from dtsync.metric import bellman, transport
+from dtsync.metric.evaluation import evaluate_couplings
+from dtsync.metric.sparse import SparseMDP
 
 _MAX_ROUNDS = 100_000
 _PARALLEL_WORK = 1 << 17  # transport problems per sweep from which the sweep runs on numba's thread pool
@@ -39,26 +45,8 @@ _PARALLEL_WORK = 1 << 17  # transport problems per sweep from which the sweep ru
 # measured best: solving its problem to the end spends improvement sweeps on couplings the next exact sweep
 # replaces anyway (S=256 cold, 1 thread: 1.45-1.53 s -> 1.16-1.24 s CPU; S=64 cold 42 -> 34 ms).
 _MAX_PLAYER_STEPS = 1
-
-
-@dataclass(frozen=True)
-class SparseMDP:
-    """An MDP's rewards and next-state supports, the form the kernels read."""
-
-    R: np.ndarray  # (S, A)
-    idx: np.ndarray  # (S, A, K) next-state indices
-    mass: np.ndarray  # (S, A, K) probabilities
-    n: np.ndarray  # (S, A) support sizes; 0 = unknown state-action
-
-    @classmethod
-    def from_dense(cls, R: np.ndarray, P: np.ndarray) -> SparseMDP:
-        K = max(1, int((P > 0).sum(axis=-1).max(initial=0)))
-        idx, mass, n = ot_kernel.sparse_rows(np.ascontiguousarray(P, dtype=np.float64), K)
-        return cls(np.ascontiguousarray(R, dtype=np.float64), idx, mass, n)
-
-    @property
-    def known(self) -> np.ndarray:
-        return self.n > 0
+# Exact sweeps after convergence that resume problems left at the pivot limit before the bound is reported as is.
+_EXTRA_SWEEPS = 20
 
 
 @dataclass
@@ -70,110 +58,8 @@ class FixedPoint:
     residual: float
     problems: int
     pivots: int
-
-
-class _Workspace:
-    """Per-solver state kept between calls (the warm start): every transport problem's basis and bounds.
-
-    codes (S, S', A, 2K-1): tree bases; wb, ex (S, S', A): the value anchors and optimality expiries read by
-    `ot_kernel.sweep`. ex is relative to `cum`, an upper bound on the sup-norm path length of d since the
-    workspace was (re)set; wb to the row clock Pr[s, a] = sum_x P(x|s, a) rowC[x], with rowC[x] the sum over
-    reads of the largest (signed) change in row x of d: a coupling of (s, a)'s problem has row marginal
-    P(.|s, a), so its value rose by at most the change of Pr, and fell by at least minus it when every entry
-    fell (the big steps after an exact sweep lower d); G to Z[s], which advances by the largest change of
-    Pr[s, .]. Both bound from above only. All advance in `observe` each
-    time d is read. A state-action whose data changed since the last call loses its anchors (its basis is kept
-    as a warm start and re-proved).
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple[int, ...] | None = None
-        self.codes = np.full((0, 0, 0, 1), -1, np.int32)
-        self.wb = np.zeros((0, 0, 0))
-        self.ex = np.zeros((0, 0, 0))
-        self.act = np.zeros((0, 0), np.int64)
-        self.G = np.zeros((0, 0))
-        self.exa = np.zeros((0, 0))
-        self.tgt = np.zeros((0, 0, 1), np.int64)
-        self.flw = np.zeros((0, 0, 1))
-        self.cum = 0.0
-        self.rowC = np.zeros(0)
-        self.Pr = np.zeros((0, 0))
-        self.Z = np.zeros(0)
-        self.seen: np.ndarray | None = None
-        self.m1: SparseMDP | None = None
-        self.m2: SparseMDP | None = None
-
-    def prepare(self, m1: SparseMDP, m2: SparseMDP) -> None:
-        S1, A = m1.n.shape
-        S2 = m2.n.shape[0]
-        nb = 2 * max(m1.idx.shape[2], m2.idx.shape[2]) - 1
-        key = (S1, S2, A, nb, m1.idx.shape[2], m2.idx.shape[2])
-        if key != self.key:
-            old = self.codes
-            codes = np.full((S1, S2, A, max(nb, old.shape[3])), -1, np.int32)
-            s1, s2, a = (min(x, y) for x, y in zip(old.shape[:3], (S1, S2, A), strict=True))
-            codes[:s1, :s2, :a, : old.shape[3]] = old[:s1, :s2, :a]  # bases are re-validated before use
-            self.codes = codes
-            self.wb = np.full((S1, S2, A), np.inf)
-            self.ex = np.full((S1, S2, A), -np.inf)
-            self.act = np.full((S1, S2), -1, np.int64)
-            self.G = np.full((S1, S2), np.inf)
-            self.exa = np.full((S1, S2), -np.inf)
-            self.tgt = np.full((S1, S2, codes.shape[3]), -1, np.int64)
-            self.flw = np.zeros((S1, S2, codes.shape[3]))
-            self.cum = 0.0
-            self.rowC = np.zeros(S1)
-            self.Z = np.zeros(S1)
-            self.seen = None
-            self.key = key
-        else:
-            assert self.m1 is not None and self.m2 is not None
-            c1 = _changed_rows(self.m1, m1)
-            c2 = _changed_rows(self.m2, m2)
-            # G (the competitors' bound per pair) also reads the rewards.
-            self.G[(c1 | (self.m1.R != m1.R)).any(axis=1), :] = np.inf
-            self.G[:, (c2 | (self.m2.R != m2.R)).any(axis=1)] = np.inf
-            if c1.any():
-                s, a = np.nonzero(c1)
-                self.wb[s, :, a] = np.inf
-                self.ex[s, :, a] = -1.0  # expired; the basis stays as a warm start
-            if c2.any():
-                s2, a = np.nonzero(c2)
-                self.wb[:, s2, a] = np.inf
-                self.ex[:, s2, a] = -1.0
-        self.m1, self.m2 = m1, m2
-        self.Pr = self._row_clock()  # at the new masses: Z advances with d only
-
-    def _row_clock(self) -> np.ndarray:
-        """Pr[s, a] = sum_x P(x|s, a) rowC[x]: how far, at most, any coupling of (s, a)'s problems moved."""
-        assert self.m1 is not None
-        return np.einsum("sak,sak->sa", self.m1.mass, self.rowC[self.m1.idx])
-
-    def observe(self, d: np.ndarray) -> None:
-        """d is about to be read: advance cum by how far it moved since last read."""
-        if self.seen is None:
-            self.seen = d.copy()
-            self.Pr = self._row_clock()
-            return
-        moved = d - self.seen
-        self.cum += float(np.max(np.abs(moved), initial=0.0)) * (1.0 + 1e-12)
-        rise = np.max(moved, axis=1, initial=-np.inf)  # signed: wb and G only bound from above
-        self.rowC += rise + 1e-12 * np.abs(rise)
-        self.seen[...] = d
-        old = self.Pr
-        self.Pr = self._row_clock()
-        if old.shape[1]:
-            rise = np.max(self.Pr - old, axis=1)
-            self.Z += rise + 1e-12 * np.abs(rise)
-
-
-def _changed_rows(old: SparseMDP, new: SparseMDP) -> np.ndarray:
-    return (
-        (old.n != new.n)
-        | (old.idx != new.idx).any(axis=-1)
-        | (old.mass != new.mass).any(axis=-1)
-    )
+    error_bound: float = 0.0  # certified sup-norm distance of d from the fixed point
+    unfinished: int = 0  # transport problems of the final sweep left at the pivot limit
 
 
 def fixed_point(
@@ -183,7 +69,8 @@ def fixed_point(
     tol: float,
     unknown_value: float,
     start: np.ndarray | None = None,
-    workspace: _Workspace | None = None,
+    workspace: bellman.Workspace | None = None,
+    max_pivots: int = transport.MAX_PIVOTS,
 ) -> FixedPoint:
     """Fixed point of the DT-BSM operator in which unknown terms are worth `unknown_value`.
 
@@ -191,34 +78,37 @@ def fixed_point(
     re-optimises the couplings that matter; then the maximising player's problem for those fixed couplings
     (an ordinary discounted MDP over pairs, no transport problems) is advanced by `_MAX_PLAYER_STEPS` steps of
     policy iteration, whose improvement steps are cheap pruned sweeps without pivoting. A round is kept only if
-    its exact residual beats gamma times the last one (what a plain sweep guarantees); otherwise the plain
-    sweep's F is taken.
+    its exact residual beats gamma times the last one (what a plain sweep guarantees), or if it is provably no
+    farther from the fixed point than the plain sweep (`_closer_from_below`); otherwise the plain sweep's F is
+    taken. Stops once the certified error bound is <= tol; if problems left at the pivot limit keep
+    it above tol once the residual is small, up to `_EXTRA_SWEEPS` more exact sweeps resume their simplex, and
+    the result then carries the bound it has (error_bound > tol).
     """
     S1, A = m1.n.shape
     S2 = m2.n.shape[0]
     if S1 == 0 or S2 == 0:
         return FixedPoint(np.zeros((S1, S2)), 0, 0.0, 0, 0)
-    ws = workspace or _Workspace()
+    ws = workspace or bellman.Workspace()
     ws.prepare(m1, m2)
     d = _reward_gap(m1, m2, unknown_value) if start is None else np.array(start, dtype=np.float64, copy=True)
     F = np.empty((S1, S2))
     act = ws.act
     tgt, flw = ws.tgt, ws.flw
-    stats = np.zeros((S1, 4), np.int64)
+    out = bellman.SweepOutput(F, np.zeros((S1, 4), np.int64), np.zeros(S1))
+    stats, gaps = out.stats, out.gaps
     stop = tol * (1.0 - gamma) / gamma
     rows = np.arange(S1)[:, None]
     cols = np.arange(S2)[None, :]
 
     # Small problems run on the calling thread: waking the pool for a millisecond of work costs more than it
-    # saves (and on a busy machine the slowest thread's wake-up dominates).
-    kernel = ot_kernel.sweep if S1 * S2 * A >= _PARALLEL_WORK else ot_kernel.sweep_serial
+    # saves (and on a busy machine the slowest thread's wake-up dominates); so does a one-thread process.
+    parallel = S1 * S2 * A >= _PARALLEL_WORK and numba.get_num_threads() > 1
+    kernel = bellman.sweep if parallel else bellman.sweep_serial
 
     def run(x: np.ndarray, exact: bool) -> float:
         ws.observe(x)
-        kernel(
-            x, ws.cum, ws.Pr, ws.Z, exact, m1.R, m1.idx, m1.mass, m1.n, m2.R, m2.idx, m2.mass, m2.n,
-            gamma, unknown_value, ws.codes, ws.wb, ws.ex, ws.G, ws.exa, F, act, tgt, flw, stats,
-        )  # fmt: skip
+        gaps[:] = 0.0
+        kernel(x, ws.cum, m1, m2, ws.state(), gamma, unknown_value, exact, max_pivots, out)
         return float(np.max(np.abs(F - x)))
 
     def base() -> np.ndarray:
@@ -228,7 +118,7 @@ def fixed_point(
     def solve_max_player(x: np.ndarray, inner_tol: float) -> np.ndarray:
         """Policy iteration for the maximising player with the couplings fixed; x holds T_pi(previous)."""
         for _inner in range(_MAX_PLAYER_STEPS):
-            ot_kernel.evaluate_couplings(x, base(), tgt, flw, gamma, inner_tol, 100_000)
+            evaluate_couplings(x, base(), tgt, flw, gamma, inner_tol, 100_000)
             r = run(x, False)
             x[...] = F
             if r <= inner_tol:
@@ -244,12 +134,23 @@ def fixed_point(
     accepted_res = np.inf
     candidate = False
     sweeps = 0
+    extra = 0
     for _ in range(_MAX_ROUNDS):
         sweeps += 1
+        failed = int(stats[:, 2].sum())
         res = run(d, True)
-        if res <= stop:
-            return FixedPoint(F.copy(), sweeps, res, int(stats[:, 0].sum()), int(stats[:, 1].sum()))
-        if candidate and res > gamma * accepted_res and accepted_F is not None:
+        e = float(gaps.max())
+        bound = (gamma * res + e) / (1.0 - gamma)
+        if res <= stop and (bound <= tol or extra >= _EXTRA_SWEEPS):
+            unfinished = int(stats[:, 2].sum()) - failed
+            return FixedPoint(F.copy(), sweeps, res, int(stats[:, 0].sum()), int(stats[:, 1].sum()), bound, unfinished)
+        if res <= stop:  # converged but for problems left at the pivot limit: resume them
+            extra += 1
+            d = F.copy()
+            candidate = False
+            continue
+        worse = candidate and res > gamma * accepted_res and accepted_F is not None
+        if worse and accepted_F is not None and not _closer_from_below(d, F, accepted_F):
             # The round did worse than a plain sweep would have: take the plain sweep instead.
             d = accepted_F
             candidate = False
@@ -261,12 +162,27 @@ def fixed_point(
     raise RuntimeError(f"DT-BSM did not converge in {_MAX_ROUNDS} rounds (residual {res:.3g})")
 
 
+def _closer_from_below(x: np.ndarray, Fx: np.ndarray, F_prev: np.ndarray) -> bool:
+    """x <= F(x) and x >= F(d_prev): then d_prev's plain sweep is no closer to the fixed point d* than x.
+
+    A sub-solution of the monotone operator lies below d* (x <= F(x) <= F(F(x)) ... -> d*), so entrywise
+    0 <= d* - x <= d* - F(d_prev) <= gamma ||d* - d_prev||. At gamma near 1 a policy-iteration round often
+    raises the residual while it gains on the error; this accepts such a round on its error.
+    """
+    margin = 1e-12 * (1.0 + float(np.max(np.abs(Fx), initial=0.0)))
+    return bool(np.all(Fx >= x - margin) and np.all(x >= F_prev - margin))
+
+
 def _reward_gap(m1: SparseMDP, m2: SparseMDP, unknown_value: float) -> np.ndarray:
     """F(0) in closed form (W1 with zero cost is 0): a cold start that needs no transport problem, and whose
-    costs already make the first greedy bases meaningful."""
-    both = m1.known[:, None, :] & m2.known[None, :, :]
-    gap = np.where(both, np.abs(m1.R[:, None, :] - m2.R[None, :, :]), 0.0).max(axis=-1, initial=0.0)
-    return np.where((~both).any(axis=-1), np.maximum(gap, unknown_value), gap)
+    costs already make the first greedy bases meaningful. One action at a time: (S, S') temporaries only."""
+    gap = np.zeros((m1.n.shape[0], m2.n.shape[0]))
+    missing = np.zeros(gap.shape, dtype=bool)
+    for a in range(m1.n.shape[1]):
+        both = m1.known[:, None, a] & m2.known[None, :, a]
+        np.maximum(gap, np.where(both, np.abs(m1.R[:, None, a] - m2.R[None, :, a]), 0.0), out=gap)
+        missing |= ~both
+    return np.where(missing, np.maximum(gap, unknown_value), gap)
 
 
 @dataclass(frozen=True)
@@ -286,6 +202,11 @@ class DTBSMResult:
     labels: list[Any]
     problems: int
     pivots: int
+    # Certified sup-norm distance of d, d_lower and d_upper from their fixed points (the largest of the three);
+    # <= the requested tol unless transport problems stayed at the pivot limit (`unfinished` > 0).
+    error_bound: float = 0.0
+    unfinished: int = 0
+    certified: bool = True  # error_bound <= the requested tol
 
     def top_states(self, k: int = 5) -> list[tuple[Any, float]]:
         """The k shared states with the largest d(s, s): where the twin's behaviour departs most."""
@@ -313,6 +234,16 @@ def _validate(name: str, R: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.n
     return R, P
 
 
+def _largest_reward_gap(R1: np.ndarray, known1: np.ndarray, R2: np.ndarray, known2: np.ndarray) -> float:
+    """Rbar = max over actions and known pairs of |R(s, a) - R'(s', a)|, from each action's extremes."""
+    rbar = 0.0
+    for a in range(R1.shape[1]):
+        r1, r2 = R1[known1[:, a], a], R2[known2[:, a], a]
+        if r1.size and r2.size:
+            rbar = max(rbar, float(r1.max() - r2.min()), float(r2.max() - r1.min()))
+    return rbar
+
+
 def _complete(R: np.ndarray, P: np.ndarray, R_other: np.ndarray, P_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fill state-actions this side never saw with the other side's data for the same state (point estimate)."""
     missing = (P.sum(axis=-1) == 0) & (P_other.sum(axis=-1) > 0)
@@ -323,12 +254,16 @@ class DTBSMSolver:
     """Computes the metric repeatedly, warm-starting each call from the previous one (sliding windows).
 
     Warm starts keep both the previous fixed points and every transport problem's optimal basis; the result
-    is certified the same way as a cold start, so it equals a cold recompute to the tolerance.
+    is certified the same way as a cold start, so it equals a cold recompute to the tolerance. `max_pivots`
+    caps the simplex per problem and sweep (a problem that reaches it resumes at the next sweep; if some never
+    finish, the result says so: `certified` False, `error_bound` > tol). One numba thread per process
+    (`numba.set_num_threads(1)`) runs every sweep on the calling thread.
     """
 
-    def __init__(self) -> None:
-        self._workspace = _Workspace()
+    def __init__(self, max_pivots: int = transport.MAX_PIVOTS) -> None:
+        self._workspace = bellman.Workspace()
         self._last: dict[str, np.ndarray] = {}
+        self._max_pivots = max_pivots
 
     def _start(self, mode: str, S1: int, S2: int) -> np.ndarray | None:
         last = self._last.get(mode)
@@ -340,7 +275,8 @@ class DTBSMSolver:
         return start
 
     def _solve(self, mode: str, m1: SparseMDP, m2: SparseMDP, gamma: float, tol: float, unknown: float) -> FixedPoint:
-        fp = fixed_point(m1, m2, gamma, tol, unknown, self._start(mode, m1.n.shape[0], m2.n.shape[0]), self._workspace)
+        start = self._start(mode, m1.n.shape[0], m2.n.shape[0])
+        fp = fixed_point(m1, m2, gamma, tol, unknown, start, self._workspace, self._max_pivots)
         self._last[mode] = fp.d
         return fp
 
@@ -380,9 +316,7 @@ class DTBSMSolver:
 
         known1 = P1.sum(axis=-1) > 0
         known2 = P2.sum(axis=-1) > 0
-        diff = np.abs(R1[:, None, :] - R2[None, :, :])
-        both = known1[:, None, :] & known2[None, :, :]
-        rbar = float(diff[both].max(initial=0.0))
+        rbar = _largest_reward_gap(R1, known1, R2, known2)
         seen = np.concatenate([R1[known1], R2[known2]])
         span = float(seen.max() - seen.min()) if seen.size else 0.0
         if reward_range is not None:
@@ -413,6 +347,7 @@ class DTBSMSolver:
             return float(d[pairs[:, 0], pairs[:, 1]].max()) if len(pairs) else 0.0
 
         fps = (lower,) if complete else (lower, upper, point)
+        error_bound = max(fp.error_bound for fp in fps)
         return DTBSMResult(
             d=point.d,
             d_lower=lower.d,
@@ -427,6 +362,9 @@ class DTBSMSolver:
             labels=labels,
             problems=sum(fp.problems for fp in fps),
             pivots=sum(fp.pivots for fp in fps),
+            error_bound=error_bound,
+            unfinished=sum(fp.unfinished for fp in fps),
+            certified=error_bound <= tol,
         )
 
 

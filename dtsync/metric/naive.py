@@ -17,13 +17,16 @@ def dtbsm_naive(
     P_twin: np.ndarray,
     gamma: float,
     tol: float = 1e-8,
+    unknown_value: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """DT-BSM d (S, S') by iterating F from d = 0; returns (d, sweeps).
 
     F(d)(s, s') = max_a |R(s,a) - R'(s',a)| + gamma * W1(P(.|s,a), P'(.|s',a); d), with each W1 solved
     exactly by `ot.emd2` on the supports of the two rows. F is a gamma-contraction, so stopping once
     max|d_{n+1} - d_n| <= tol * (1 - gamma) / gamma guarantees max|d_{n+1} - d*| <= tol.
-    Requires full data: every row of P_real and P_twin must be a distribution.
+    By default every row of P_real and P_twin must be a distribution; with `unknown_value`, an all-zero row
+    marks an unknown state-action whose term is worth that constant (0: the engine's lower metric,
+    Rbar/(1-gamma): its upper metric).
     """
     R_real, P_real = np.asarray(R_real, dtype=float), np.asarray(P_real, dtype=float)
     R_twin, P_twin = np.asarray(R_twin, dtype=float), np.asarray(P_twin, dtype=float)
@@ -33,7 +36,7 @@ def dtbsm_naive(
         raise ValueError("shapes must be R (S, A), P (S, A, S), R' (S', A), P' (S', A, S')")
     if not 0.0 < gamma < 1.0:
         raise ValueError("gamma must lie in (0, 1)")
-    if np.any(P_real.sum(axis=2) <= 0) or np.any(P_twin.sum(axis=2) <= 0):
+    if unknown_value is None and (np.any(P_real.sum(axis=2) <= 0) or np.any(P_twin.sum(axis=2) <= 0)):
         raise ValueError("dtbsm_naive needs full data: every state-action row of P must be known")
 
     reward_gap = np.abs(R_real[:, None, :] - R_twin[None, :, :])  # (S, S', A)
@@ -50,6 +53,9 @@ def dtbsm_naive(
                 best = 0.0
                 for a in range(A):
                     x, y = supp_real[s][a], supp_twin[t][a]
+                    if len(x) == 0 or len(y) == 0:
+                        best = max(best, float(unknown_value or 0.0))
+                        continue
                     p, q = P_real[s, a, x], P_twin[t, a, y]
                     cost = np.ascontiguousarray(d[np.ix_(x, y)])
                     w1 = ot.emd2(p / p.sum(), q / q.sum(), cost)
