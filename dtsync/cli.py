@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -13,6 +11,7 @@ import typer
 
 from dtsync.config import Config, ConfigError, MqttSettings, broker_settings, default_config, load_config
 from dtsync.monitor import Report
+from dtsync.progress import progress
 
 app = typer.Typer(
     help="DT-BSM monitoring: is the digital twin still behaving like the real network?",
@@ -113,7 +112,7 @@ def replay(
             events.append(report)
 
     try:
-        with _progress(count_lines({"real": real, **twins}), "replaying") as advance:
+        with progress(count_lines({"real": real, **twins}), "replaying") as advance:
             result = run_replay(cfg, real, twins, on_report=on_report, on_item=advance)
     except ConfigError as e:
         _fail(str(e))
@@ -126,17 +125,6 @@ def replay(
 
         _draw(lambda: plot_timeline([r.record() for r in result.reports], plot, title=f"dtsync replay {real.name}"))
         typer.echo(f"plot: {plot}")
-
-
-@contextlib.contextmanager
-def _progress(total: int, what: str) -> Iterator[Callable[[], None]]:
-    """A progress bar (rich) on a terminal; off one, nothing. Yields the per-item callback."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(what, total=total)
-        yield lambda: progress.advance(task)
 
 
 def _check_plot_target(plot: Path | None) -> None:
