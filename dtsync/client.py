@@ -105,6 +105,7 @@ class AsyncPublisher:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._connected = asyncio.Event()
+        self._refused = asyncio.Event()  # the last attempt got an answer, and it was no (kept trying all the same)
         self._asleep = False
         self._flushing = 0
         self._closing = False
@@ -170,11 +171,20 @@ class AsyncPublisher:
         self._task = asyncio.create_task(self._run(), name=f"dtsync-publisher-{self.cell}")
 
     async def wait_connected(self, timeout: float) -> None:
-        """Wait until the broker accepted the connection; PublisherError (with the last error) after `timeout`."""
+        """Wait until the broker accepted the connection; PublisherError with the last error after `timeout`, or
+        at once if the broker refused it (a wrong protocol version or password does not fix itself by waiting;
+        the publisher keeps trying in the background all the same)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._connected, self._refused)]
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            raise PublisherError(f"not connected after {timeout:g} s: {self.stats.last_error or 'no answer'}") from None
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._connected.is_set():
+            return
+        if self._refused.is_set():
+            raise PublisherError(self.stats.last_error or "the broker refused the connection")
+        raise PublisherError(f"not connected after {timeout:g} s: {self.stats.last_error or 'no answer'}")
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Send everything queued, partial batches included; True once all of it was handed to the broker."""
@@ -234,13 +244,20 @@ class AsyncPublisher:
         delays = None
         st = self.settings
         while not self._closing:
+            connected = False
             try:
                 async with make_client(st, client_id=self.client_id) as client:
+                    connected = True
+                    self._refused.clear()
                     self.stats.connects += 1
                     self._connected.set()
                     delays = None
                     if await _first(self._pump(client), _until_disconnected(client)) == 0:
                         return  # closed and drained
+            except aiomqtt.MqttCodeError as e:  # a code: the broker answered, e.g. CONNACK "protocol version"
+                self.stats.last_error = f"{'' if connected else 'the broker refused the connection: '}{e}"
+                if not connected:
+                    self._refused.set()
             except aiomqtt.MqttError as e:
                 self.stats.last_error = str(e) or type(e).__name__
             except Exception as e:  # not a broker problem: stop, and let flush/close report it
