@@ -69,7 +69,8 @@ class AsyncPublisher:
     """Batching, reconnecting publisher of one cell's telemetry, on the running event loop.
 
     `settings` is the `mqtt` section of a dtsync config (defaults: localhost:1883, MQTT v5); `host`/`port`
-    override it. `queue_size` bounds the transitions held in memory while the broker is slow or away.
+    override it. `queue_size` bounds the transitions held in memory (queued, in batches, or being sent) while the
+    broker is slow or away.
     """
 
     def __init__(
@@ -121,11 +122,14 @@ class AsyncPublisher:
             self._check_stream(stream)
         with self._lock:
             queued = len(self._queue)
-            if queued >= self.queue_size:
+            if queued + self._held >= self.queue_size:  # the bound covers batches being filled or sent too
                 self.stats.dropped += 1
                 return False
             self._queue.append((stream, transition))
-        if self._asleep and (queued == 0 or (queued + 1) % self.batch == 0):
+            held = self._held
+        # Wake a sleeping sender only when it has something to do: a first transition (its linger starts) or
+        # another batch's worth. Waking it per transition would cost more than the send itself.
+        if self._asleep and ((queued == 0 and held == 0) or (queued + 1) % self.batch == 0):
             self._wake_sender()
         return True
 
@@ -136,12 +140,13 @@ class AsyncPublisher:
         while True:
             with self._lock:
                 queued = len(self._queue)
-                if queued < self.queue_size:
+                if queued + self._held < self.queue_size:
                     self._queue.append((stream, transition))
+                    held = self._held
                     break
                 self._room.clear()
             await self._room.wait()
-        if self._asleep and (queued == 0 or (queued + 1) % self.batch == 0):
+        if self._asleep and ((queued == 0 and held == 0) or (queued + 1) % self.batch == 0):
             self._wake.set()
 
     def _check_stream(self, stream: str) -> None:
@@ -296,6 +301,7 @@ class AsyncPublisher:
                 with self._lock:
                     self._ready.popleft()
                     self._held -= len(chunk)
+                self._room.set()
             if items:
                 continue
             if self._closing and not self._open:

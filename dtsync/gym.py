@@ -139,10 +139,10 @@ class RecordTransitions(gymnasium.Wrapper[Any, Any, Any, Any]):
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        if self._state is None:
+            raise RuntimeError("call reset() before step() (and again after an episode ends)")
         obs, reward, terminated, truncated, info = self.env.step(action)
         s_next = self._observation(obs)
-        if self._state is None:
-            raise RuntimeError("call reset() before step()")
         a: Action = self._action(action)
         t = None if self._clock is None else self._clock()
         self.sink.write(Transition(self._state, a, float(reward), s_next, t, self.steps, bool(terminated)))
