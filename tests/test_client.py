@@ -160,7 +160,7 @@ def test_async_put_waits_for_room_instead_of_dropping(broker: Mosquitto) -> None
             return pub.stats.sent["twin-x"], pub.stats.dropped
 
     try:
-        assert asyncio.run(main()) == (1000, 0)
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == (1000, 0)  # a deadlock fails instead of hanging
         wait_for(lambda: len(received(sub, "/twin/twin-x")) == 1000, 10, "1000 transitions")
         assert [tr.seq for tr in received(sub, "/twin/twin-x")] == list(range(1000))
     finally:
