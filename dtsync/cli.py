@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from tqdm import tqdm
 
 from dtsync.config import Config, ConfigError, MqttSettings, broker_settings, default_config, load_config
 from dtsync.monitor import Report
+from dtsync.progress import progress
 
 app = typer.Typer(
     help="DT-BSM monitoring: is the digital twin still behaving like the real network?",
@@ -26,6 +26,7 @@ TwinOpt = Annotated[list[str], typer.Option("--twin", help="NAME=FILE: a twin's 
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="Discount factor (overrides the config).")]
 WindowOpt = Annotated[int | None, typer.Option("--window", help="Count window: the last N transitions per stream.")]
 ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Resync threshold (overrides the config).")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw it as a PNG here (needs dtsync[plot]).")]
 
 
 def _fail(message: str) -> NoReturn:
@@ -92,12 +93,14 @@ def replay(
     window: WindowOpt = None,
     threshold: ThresholdOpt = None,
     timeline: Annotated[Path | None, typer.Option(help="Write one JSON object per evaluation here.")] = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Replay recorded traces through the monitor in time order; report the mismatch timeline and events."""
     from dtsync.offline.replay import count_lines
     from dtsync.offline.replay import replay as run_replay
 
     twins = _twins(twin, real)
+    _check_plot_target(plot)
     cfg = _config(config, gamma, window, threshold)
     out = timeline.open("w", encoding="utf-8") if timeline else None
     events: list[Report] = []
@@ -108,16 +111,41 @@ def replay(
         if report.fired:
             events.append(report)
 
-    bar = tqdm(total=count_lines({"real": real, **twins}), unit="tr", disable=not sys.stderr.isatty(), leave=False)
     try:
-        result = run_replay(cfg, real, twins, on_report=on_report, on_item=lambda: bar.update())
+        with progress(count_lines({"real": real, **twins}), "replaying") as advance:
+            result = run_replay(cfg, real, twins, on_report=on_report, on_item=advance)
     except ConfigError as e:
         _fail(str(e))
     finally:
-        bar.close()
         if out:
             out.close()
     _print_replay(result.reports, events, result.transitions, result.rejected, timeline)
+    if plot is not None:
+        from dtsync.plot import plot_timeline
+
+        _draw(lambda: plot_timeline([r.record() for r in result.reports], plot, title=f"dtsync replay {real.name}"))
+        typer.echo(f"plot: {plot}")
+
+
+def _check_plot_target(plot: Path | None) -> None:
+    """Fail before the work, not after it: matplotlib present and the PNG's directory there."""
+    if plot is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        _fail("--plot needs matplotlib: pip install 'dtsync[plot]'")
+    if not plot.parent.is_dir():
+        _fail(f"--plot: {plot.parent} is not a directory")
+
+
+def _draw(draw: Callable[[], object]) -> None:
+    from dtsync.plot import PlotUnavailable
+
+    try:
+        draw()
+    except (PlotUnavailable, ValueError, OSError) as e:
+        _fail(f"plot: {e}")
 
 
 def _print_replay(
@@ -164,12 +192,14 @@ def rank(
     window: Annotated[int | None, typer.Option("--window", help="Use the last N transitions of each trace.")] = None,
     top: Annotated[int, typer.Option(help="Keep the best N twins (0 = all).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: PlotOpt = None,
 ) -> None:
     """Rank candidate twins by mismatch with the real trace, lowest first (pre-filtering before training)."""
     from dtsync.offline.rank import rank as run_rank
     from dtsync.offline.replay import count_lines
 
     twins = _twins(twin, real)
+    _check_plot_target(plot)
     whole = max(count_lines({"x": p}) for p in (real, *twins.values()))
     cfg = _config(config, gamma, window or max(whole, 1), None)
     try:
@@ -178,6 +208,12 @@ def rank(
         _fail(str(e))
     if top:
         ranked = ranked[:top]
+    if plot is not None:
+        from dtsync.plot import plot_ranking
+
+        _draw(lambda: plot_ranking([r.record() for r in ranked], plot, title=f"dtsync rank against {real.name}"))
+        if not as_json:
+            typer.echo(f"plot: {plot}")
     if as_json:
         typer.echo(json.dumps([r.record() for r in ranked], indent=2))
         return
@@ -192,6 +228,28 @@ def rank(
             ", ".join(str(s) for s, _ in f.top_states[:3]),
         ))  # fmt: skip
     _table(rows)
+
+
+@app.command("plot")
+def plot_command(
+    timeline: Annotated[Path, typer.Argument(help="A timeline (JSONL) from `dtsync replay --timeline`.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    twin: Annotated[list[str], typer.Option("--twin", help="Only this twin (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Draw a timeline: per twin, the mismatch over time with its interval, threshold, noise floor and events."""
+    from dtsync.plot import plot_timeline, read_timeline
+
+    if not timeline.is_file():
+        _fail(f"{timeline}: no such file")
+    _check_plot_target(out)
+    try:
+        records = read_timeline(timeline)
+    except (ValueError, UnicodeDecodeError) as e:
+        _fail(str(e))
+    if twin:
+        records = [r for r in records if r.get("twin") in twin]
+    _draw(lambda: plot_timeline(records, out, title=timeline.name))
+    typer.echo(f"wrote {out} ({len(records)} evaluations)")
 
 
 @app.command()

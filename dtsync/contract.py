@@ -2,13 +2,18 @@
 
 One transition is a JSON object::
 
-    {"s": STATE, "a": ACTION, "r": NUMBER, "s_next": STATE, "t": UNIX_SECONDS?, "seq": INT?}
+    {"s": STATE, "a": ACTION, "r": NUMBER, "s_next": STATE, "t": UNIX_SECONDS?, "seq": INT?, "done": BOOL?}
 
 STATE is an integer id, a string label or a non-empty array of numbers; ACTION is an integer id or a string
 label. A payload is one such object or a JSON array of them (a batch); offline traces are JSON Lines files,
 one object per line. Unknown keys are ignored so publishers can add fields without breaking old monitors.
 
-Decoding is strict: booleans are not numbers, ``t`` and ``seq`` may be ``null`` or absent. Every problem is
+``done`` (default false) says the episode *terminated* with this transition: ``s_next`` is a terminal state. A
+time-limit truncation is not a termination and must not set it. Downstream, the next state of a ``done``
+transition is the cell's absorbing state (reward 0, a self-loop under every action; see dtsync.episodes).
+
+Decoding is strict: booleans are not numbers (nor numbers booleans: ``done`` is ``true``, ``false`` or absent),
+``t`` and ``seq`` may be ``null`` or absent. Every problem is
 reported as a :class:`Rejection` whose ``reason`` is one of :data:`REJECT_REASONS` (a fixed set, because it
 becomes a Prometheus label):
 
@@ -70,7 +75,8 @@ _REQUIRED = ("s", "a", "r", "s_next")
 
 
 class Transition(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
-    """One observed transition (s, a, r, s_next), optionally stamped with time ``t`` and sequence ``seq``.
+    """One observed transition (s, a, r, s_next), optionally stamped with time ``t`` and sequence ``seq``, and
+    ``done`` when the episode terminated with it (``s_next`` terminal; not set for a time-limit truncation).
 
     Constraints (non-empty vectors, finite floats, no booleans) are enforced when decoding, not when a
     Transition is built directly in Python. ``gc=False``: instances hold no containers that could form
@@ -83,6 +89,7 @@ class Transition(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     s_next: State
     t: float | None = None
     seq: int | None = None
+    done: bool = False
 
 
 class Rejection(NamedTuple):
@@ -144,7 +151,7 @@ def read_jsonl(
 
 
 def encode_transition(tr: Transition) -> bytes:
-    """Serialise one transition (``t``/``seq`` omitted when None)."""
+    """Serialise one transition (``t``/``seq`` omitted when None, ``done`` when false)."""
     return _ENCODER.encode(tr)
 
 
@@ -212,11 +219,16 @@ def _classify(value: Any) -> str | None:
         _check_state(value["s_next"]),
         None if value.get("t") is None else _check_number(value["t"]),
         None if value.get("seq") is None else _check_int(value["seq"]),
+        None if "done" not in value else _check_bool(value["done"]),
     )
     for reason in ("wrong_type", "non_finite"):
         if reason in checks:
             return reason
     return None
+
+
+def _check_bool(x: Any) -> str | None:
+    return None if isinstance(x, bool) else "wrong_type"
 
 
 def _check_int(x: Any) -> str | None:

@@ -11,6 +11,7 @@ from bisect import bisect_right
 from collections.abc import Hashable, Sequence
 
 from dtsync.contract import State, Transition
+from dtsync.episodes import TERMINAL
 
 __all__ = ["ENCODING_REASONS", "CapacityError", "CellEncoding", "EncodingError", "Indexer", "StateEncoder"]
 
@@ -118,10 +119,13 @@ class CellEncoding:
         """(s, a, s_next) indices; new labels are added, so the state space grows while running.
 
         Both states are discretised before anything is indexed, so an EncodingError registers nothing. A
-        CapacityError may leave ``s`` or ``a`` registered (harmless: indices stay consistent).
+        CapacityError may leave ``s`` or ``a`` registered (harmless: indices stay consistent). The next state of a
+        ``done`` transition is the cell's absorbing state (dtsync.episodes), after its own label was checked.
         """
         encode = self.state_encoder.encode
         s_label, sn_label = encode(tr.s), encode(tr.s_next)
+        if tr.done:
+            sn_label = TERMINAL
         return self.states.index(s_label), self.actions.index(tr.a), self.states.index(sn_label)
 
     def encode_many(
@@ -134,10 +138,9 @@ class CellEncoding:
         """
         state_ids, action_ids = self.states._ids, self.actions._ids
         if self.state_encoder.bins is None:  # labels only: a look-up each, in C-level loops
-            ss_, aa_, nn_ = (
-                [ids.get(getattr(tr, key)) for tr in transitions]
-                for ids, key in ((state_ids, "s"), (action_ids, "a"), (state_ids, "s_next"))
-            )
+            ss_ = [state_ids.get(tr.s) for tr in transitions]
+            aa_ = [action_ids.get(tr.a) for tr in transitions]
+            nn_ = [state_ids.get(TERMINAL if tr.done else tr.s_next) for tr in transitions]
             if None not in ss_ and None not in aa_ and None not in nn_:
                 return ss_, aa_, nn_, list(range(len(transitions))), []  # type: ignore[return-value]
         ss: list[int] = []
@@ -146,7 +149,7 @@ class CellEncoding:
         kept: list[int] = []
         rejected: list[tuple[int, str]] = []
         for i, tr in enumerate(transitions):
-            s, a, sn = state_ids.get(tr.s), action_ids.get(tr.a), state_ids.get(tr.s_next)
+            s, a, sn = state_ids.get(tr.s), action_ids.get(tr.a), state_ids.get(TERMINAL if tr.done else tr.s_next)
             if s is None or a is None or sn is None or type(tr.s) is tuple or type(tr.s_next) is tuple:
                 try:
                     s, a, sn = self.encode(tr)

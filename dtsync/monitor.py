@@ -21,6 +21,7 @@ from typing import Any
 from dtsync.config import Config, TwinSettings, WindowSettings
 from dtsync.contract import Transition
 from dtsync.encoding import CapacityError, CellEncoding, EncodingError, StateEncoder
+from dtsync.episodes import TERMINAL, absorb
 from dtsync.metric import DTBSMSolver, dtbsm_tv, regret_bound, regret_estimate
 from dtsync.trigger import Evaluation, Trigger
 from dtsync.window import EmpiricalMDP, SlidingWindow
@@ -357,7 +358,10 @@ class CellMonitor:
         tm.new_transitions = 0
         tm.last_eval_t = now
         halves = self.real.halves(S, A) if tm.settings.noise_floor and len(self.real) >= 2 else None
-        return Snapshot(now, self.real.to_mdp(S, A), tm.window.to_mdp(S, A), halves, list(self.encoding.states.labels))
+        end = self.encoding.states.get(TERMINAL)  # episodes: absorbing in every MDP of the pair
+        halves = None if halves is None else (absorb(halves[0], end), absorb(halves[1], end))
+        real, twin = absorb(self.real.to_mdp(S, A), end), absorb(tm.window.to_mdp(S, A), end)
+        return Snapshot(now, real, twin, halves, list(self.encoding.states.labels))
 
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""

@@ -61,6 +61,18 @@ def test_batch_and_roundtrip() -> None:
     assert b"seq" not in encode_transition(batch[-1])  # None fields are omitted
 
 
+def test_done_flag_decodes_defaults_to_false_and_is_omitted_when_false() -> None:
+    (tr,), bad = decode_payload(dumps(with_fields(done=True)))
+    assert bad == [] and tr.done is True and tr == Transition(1, 0, 0.5, 2, done=True)
+    (tr,), _ = decode_payload(dumps(with_fields(done=False)))
+    assert tr.done is False and tr == Transition(1, 0, 0.5, 2)
+    assert decode_payload(dumps(GOOD))[0][0].done is False
+    assert b"done" not in encode_transition(Transition(1, 0, 0.5, 2))
+    assert encode_transition(Transition(1, 0, 0.5, 2, done=True)).endswith(b',"done":true}')
+    batch = [Transition(i, 0, 0.0, i + 1, done=i % 2 == 0) for i in range(6)]
+    assert decode_payload(encode_batch(batch)) == (batch, [])
+
+
 def reason_of(payload: bytes, **kw: int) -> str:
     good, bad = decode_payload(payload, **kw)
     assert good == [] and len(bad) == 1
@@ -96,6 +108,9 @@ def reason_of(payload: bytes, **kw: int) -> str:
         (dumps(with_fields(seq=1.0)), "wrong_type"),
         (dumps(with_fields(seq=True)), "wrong_type"),
         (dumps(with_fields(t="now")), "wrong_type"),
+        (dumps(with_fields(done=1)), "wrong_type"),  # a flag is a JSON boolean, not a number
+        (dumps(with_fields(done="true")), "wrong_type"),
+        (dumps(with_fields(done=None)), "wrong_type"),  # unlike t and seq: absent means false, null is not a flag
         (b'{"s": 1, "a": 0, "r": 1e999, "s_next": 2}', "non_finite"),
         (b'{"s": 1, "a": 0, "r": 1, "s_next": 2, "t": -1e999}', "non_finite"),
         (b'{"s": [0.5, 1e999], "a": 0, "r": 1, "s_next": 2}', "non_finite"),
@@ -170,7 +185,7 @@ json_values = st.recursive(
     | st.text(max_size=3),
     lambda children: (
         st.lists(children, max_size=3)
-        | st.dictionaries(st.sampled_from(["s", "a", "r", "s_next", "t", "seq", "x"]), children, max_size=7)
+        | st.dictionaries(st.sampled_from(["s", "a", "r", "s_next", "t", "seq", "done", "x"]), children, max_size=8)
     ),
     max_leaves=10,
 )

@@ -3,6 +3,8 @@
 A load generator and a way to feed recorded data to a running daemon. Streams are interleaved in trace-time
 order exactly as `dtsync replay` reads them, so publishing a trace to a daemon and replaying it offline feed
 the windows in the same order. Invalid lines are skipped and counted (the daemon would reject them anyway).
+Sending is dtsync.client's publisher, with back-pressure (a recorded trace is never dropped) and only full
+batches but the last of each stream.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtsync.client import AsyncPublisher, PublisherError
 from dtsync.config import MqttSettings
-from dtsync.contract import Rejection, Transition, encode_batch, encode_transition
-from dtsync.daemon.mqtt import make_client
-from dtsync.daemon.topics import REAL, Topics
+from dtsync.contract import Rejection, Transition
 from dtsync.offline.replay import merged
+
+CONNECT_TIMEOUT = 10.0  # seconds to reach the broker before giving up (a CLI must not wait forever)
 
 
 @dataclass
@@ -57,38 +60,37 @@ async def publish_items(
     """Publish (stream, transition) pairs to `cell`'s topics (stream ``real`` or a twin's name).
 
     `rate` is transitions per second over all streams (0: as fast as the broker takes them). With
-    `batch` > 1, each stream's transitions go out as JSON arrays of up to `batch` items.
+    `batch` > 1, each stream's transitions go out as JSON arrays of up to `batch` items. Raises
+    PublisherError if the broker cannot be reached, or not everything could be delivered.
     """
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    topics = Topics(settings.topic_prefix)
     result = PublishResult()
-    pending: dict[str, list[Transition]] = {}
     started = time.perf_counter()
-    async with make_client(settings, client_id=f"dtsync-publish-{cell}-{id(result):x}") as client:
-
-        async def send(name: str, chunk: list[Transition]) -> None:
-            topic = topics.real(cell) if name == REAL else topics.twin(cell, name)
-            payload = encode_transition(chunk[0]) if batch == 1 else encode_batch(chunk)
-            await client.publish(topic, payload, qos=qos)
-            result.messages += 1
-            result.transitions[name] += len(chunk)
-
+    queued = 0
+    publisher = AsyncPublisher(cell, settings, batch=batch, linger=None, queue_size=max(10_000, 4 * batch), qos=qos,
+                               client_id=f"dtsync-publish-{cell}-{id(result):x}")  # fmt: skip
+    async with publisher:
+        await publisher.wait_connected(CONNECT_TIMEOUT)
         for name, item in items:
             if isinstance(item, Rejection):
                 result.skipped += 1
                 continue
-            chunk = pending.setdefault(name, [])
-            chunk.append(item)
-            if len(chunk) >= batch:
-                await send(name, chunk)
-                pending[name] = []
+            await publisher.put(item, name)
+            queued += 1
             if rate > 0:
-                ahead = sum(result.transitions.values()) / rate - (time.perf_counter() - started)
+                ahead = queued / rate - (time.perf_counter() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-        for name, chunk in pending.items():
-            if chunk:
-                await send(name, chunk)
+        left = publisher.queued
+        while not (delivered := await publisher.flush(CONNECT_TIMEOUT)):
+            if publisher.queued >= left:  # no progress for CONNECT_TIMEOUT seconds: the broker is gone
+                break
+            left = publisher.queued
+    result.transitions = publisher.stats.sent
+    result.messages = publisher.stats.messages
     result.seconds = time.perf_counter() - started
+    if not delivered:
+        raise PublisherError(f"{queued - sum(result.transitions.values())} of {queued} transitions not delivered: "
+                             f"{publisher.stats.last_error or 'timed out'}")  # fmt: skip
     return result

@@ -1,6 +1,6 @@
 """Performance bounds built on the DT-BSM: deployment regret, sample size, and a plug-in regret estimate.
 
-Formulas from Tao, Xu, You (arXiv 2502.17983); see /work/shared/theory.md.
+Formulas from Tao, Xu, You (arXiv 2502.17983); docs/theory.md states them with what they assume.
 
 Unknown state-actions (all-zero rows of P) are completed one way everywhere in this module: taking an
 unknown action ends the episode with reward 0 (a jump to an absorbing zero-reward sink). Value iteration

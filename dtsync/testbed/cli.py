@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from tqdm import tqdm
 
 from dtsync.config import ConfigError
 from dtsync.contract import encode_transition
+from dtsync.progress import progress
 from dtsync.testbed.params import TestbedParams, load_params
 from dtsync.testbed.presets import PRESETS, preset
 from dtsync.testbed.simulate import Switch, transitions
@@ -208,8 +207,8 @@ def prefilter(
     if not 0.0 < gamma < 1.0:
         _fail("--gamma must lie in (0, 1)")
     workers = workers or os.cpu_count() or 1
-    with tqdm(total=pool, unit="twin", disable=not sys.stderr.isatty(), leave=False) as bar:
-        result = run_study(pool, seed, gamma=gamma, samples=samples, workers=workers, progress=bar.update)
+    with progress(pool, "twins") as advance:
+        result = run_study(pool, seed, gamma=gamma, samples=samples, workers=workers, progress=advance)
     for line in _report(result, workers):
         typer.echo(line)
     if out is not None:
