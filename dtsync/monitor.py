@@ -5,8 +5,15 @@ daemon both drive this class, so a recorded trace and the same trace received li
 
 An evaluation has three steps so that the daemon can run the heavy one off its event loop:
 `snapshot` (copies the windows into arrays; cheap, on the caller's thread), `compute` (the metric, its
-noise floor and bounds; pure, may run in a worker thread, never two at once for one twin), and `decide`
-(the trigger rule; on the caller's thread). `evaluate` chains them for offline use.
+noise floor, evidence and bounds; pure, may run in a worker process, never two at once for one twin), and
+`decide` (the trigger rule; on the caller's thread). `evaluate` chains them for offline use.
+
+The evaluation record is defined once, here (:class:`Figures` and :meth:`Report.record`): the replay timeline,
+resync events, status messages and Prometheus gauges all read it.
+
+What is compared: the labels *present in the windows now* (a state seen as s or s' in either window). A label
+seen once long ago and gone from both windows carries no data; leaving it in would pin the pessimistic bound
+at Rbar/(1-gamma) for ever (labels never leave the cell's encoder).
 """
 
 from __future__ import annotations
@@ -14,18 +21,25 @@ from __future__ import annotations
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dtsync.config import Config, TwinSettings, WindowSettings
 from dtsync.contract import Transition
 from dtsync.encoding import CapacityError, CellEncoding, EncodingError, StateEncoder
-from dtsync.metric import DTBSMSolver, dtbsm_tv, regret_bound, regret_estimate
+from dtsync.metric import DTBSMSolver, dtbsm, dtbsm_tv, regret_bound, regret_estimate
+from dtsync.metric.evidence import WindowStats, bootstrap_interval, permutation_test
 from dtsync.trigger import Evaluation, Trigger
 from dtsync.window import EmpiricalMDP, SlidingWindow
 
 REAL = "real"
+PERMUTATIONS = 199  # resamples of the permutation test: p-values down to 0.005, below the default alpha 0.01
+BOOTSTRAPS = 20  # metric solves for the interval, only when the test is significant
+_RESAMPLE_TOLERANCE = 1e-6  # a resample's mismatch needs no more accuracy than this (noise is far larger)
 _EVENT_NAMESPACE = uuid.UUID("5f1d7c1e-4b0a-4d55-9a53-0d6a4e2b7c11")
 
 
@@ -42,6 +56,22 @@ class Snapshot:
     twin: EmpiricalMDP
     real_halves: tuple[EmpiricalMDP, EmpiricalMDP] | None
     labels: list[Hashable]
+    real_reward_var: np.ndarray | None = None  # (S, A) reward variance per state-action (for the evidence)
+    twin_reward_var: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TopState:
+    """One of the worst-matching states, with the evidence behind it: its transitions in each window.
+
+    ``supported`` is False for a state with fewer than ``trigger.min_state_samples`` transitions in either
+    window: its d(s, s) is reported but mostly sampling noise (the documented rule for thin states)."""
+
+    state: Any
+    d: float
+    n_real: int
+    n_twin: int
+    supported: bool
 
 
 @dataclass(frozen=True)
@@ -59,9 +89,15 @@ class Figures:
     samples_real: int
     samples_twin: int
     rbar: float
-    top_states: list[tuple[Any, float]]
+    top_states: list[TopState]
     compute_seconds: float
     iterations: int
+    mismatch_supported: float  # max of d(s, s) over supported states only (0 if none is)
+    p_value: float | None  # permutation test; None: not computed, the point was below the re-arm level
+    interval_low: float | None  # bootstrap interval for the mismatch; None: not computed (test not significant)
+    interval_high: float | None
+    interval_level: float  # its nominal two-sided coverage
+    evidence_seconds: float  # part of compute_seconds spent on the test and the interval
 
 
 @dataclass(frozen=True)
@@ -82,8 +118,10 @@ class Report:
     event_id: str | None
 
     def record(self) -> dict[str, Any]:
+        """Every figure, the decision and the event id: the one schema of timeline rows and events."""
         figures = asdict(self.figures)
-        figures["top_states"] = [{"state": _jsonable(s), "d": v} for s, v in self.figures.top_states]
+        for row in figures["top_states"]:
+            row["state"] = _jsonable(row["state"])
         return {
             "t": self.t,
             "cell": self.cell,
@@ -95,6 +133,12 @@ class Report:
             "event_id": self.event_id,
             "reason": self.reason,
         }
+
+    def evidence(self) -> dict[str, Any]:
+        """The evidence fields of the record (test, interval, supported max), for the status message."""
+        f = self.figures
+        return {"p_value": f.p_value, "interval_low": f.interval_low, "interval_high": f.interval_high,
+                "interval_level": f.interval_level, "mismatch_supported": f.mismatch_supported}  # fmt: skip
 
 
 def _jsonable(label: Hashable) -> Any:
@@ -120,22 +164,48 @@ class MetricComputer:
     settings: TwinSettings
     solver: DTBSMSolver = field(default_factory=DTBSMSolver)
     noise_solver: DTBSMSolver = field(default_factory=DTBSMSolver)
+    always_evidence: bool = False  # test and interval on every evaluation (rank), not only when they can matter
 
     def compute(self, snap: Snapshot) -> Figures:
-        """The metric, its interval, noise floor and bounds for one snapshot."""
+        """The metric, its noise floor, evidence and bounds for one snapshot, over the labels present now."""
         started = time.perf_counter()
         st = self.settings
-        real, twin = snap.real, snap.twin
+        keep = _present(snap.real, snap.twin)
+        real, twin = _restrict(snap.real, keep), _restrict(snap.twin, keep)
+        labels = [snap.labels[int(i)] for i in keep]
         reward_range = st.reward_range or _observed_range(real, twin)
         res = self.solver.solve(real.R, real.P, twin.R, twin.P, st.gamma, st.tolerance, reward_range=reward_range)
         floor = 0.0
         if snap.real_halves is not None:
-            a, b = snap.real_halves
+            a, b = (_restrict(h, keep) for h in snap.real_halves)
             if a.samples and b.samples:
                 half = self.noise_solver.solve(a.R, a.P, b.R, b.P, st.gamma, st.tolerance, reward_range=reward_range)
                 floor = half.mismatch * _noise_scale(real.samples, twin.samples)
         tv = dtbsm_tv(real.R, real.P, twin.R, twin.P, st.gamma, rbar=max(res.rbar, _span(reward_range)))
-        labelled = [(snap.labels[int(s)], v) for s, v in res.top_states(st.top_states)]
+        n_real, n_twin = real.N.sum(axis=1), twin.N.sum(axis=1)
+        rule = st.trigger
+        diag = np.diagonal(res.d).copy() if len(keep) else np.zeros(0)
+        supported = np.minimum(n_real, n_twin) >= rule.min_state_samples
+        order = np.argsort(-diag, kind="stable")[: st.top_states]
+        top = [TopState(labels[i], float(diag[i]), int(n_real[i]), int(n_twin[i]), bool(supported[i])) for i in order]
+
+        evidence_started = time.perf_counter()
+        p_value = low = high = None
+        if len(keep) and (self.always_evidence or res.mismatch >= rule.rearm_level):  # else no decision hinges on it
+            rng = np.random.default_rng(zlib.crc32(f"{st.cell}/{st.twin}/{snap.t!r}/{real.samples}".encode()))
+            w1 = WindowStats.from_arrays(real.P, real.N, real.R, _restrict_var(snap.real_reward_var, keep))
+            w2 = WindowStats.from_arrays(twin.P, twin.N, twin.R, _restrict_var(snap.twin_reward_var, keep))
+            p_value = permutation_test(w1, w2, resamples=PERMUTATIONS, rng=rng).p_value
+            if self.always_evidence or p_value <= rule.alpha:  # only then can the interval's lower end matter
+
+                def mismatch(R1: np.ndarray, P1: np.ndarray, R2: np.ndarray, P2: np.ndarray) -> float:
+                    tol = max(st.tolerance, _RESAMPLE_TOLERANCE)
+                    return dtbsm(R1, P1, R2, P2, st.gamma, tol, reward_range=reward_range).mismatch
+
+                iv = bootstrap_interval(res.mismatch, w1, w2, mismatch, level=rule.interval_level,
+                                        resamples=BOOTSTRAPS, rng=rng)  # fmt: skip
+                low, high = iv.low, iv.high
+        now = time.perf_counter()
         return Figures(
             mismatch=res.mismatch,
             mismatch_lower=res.mismatch_lower,
@@ -148,10 +218,37 @@ class MetricComputer:
             samples_real=real.samples,
             samples_twin=twin.samples,
             rbar=res.rbar,
-            top_states=labelled,
-            compute_seconds=time.perf_counter() - started,
+            top_states=top,
+            compute_seconds=now - started,
             iterations=res.iterations,
+            mismatch_supported=float(diag[supported].max(initial=0.0)),
+            p_value=p_value,
+            interval_low=low,
+            interval_high=high,
+            interval_level=rule.interval_level,
+            evidence_seconds=now - evidence_started,
         )
+
+
+def _present(real: EmpiricalMDP, twin: EmpiricalMDP) -> np.ndarray:
+    """Indices of the states present in either window now: seen as a state or as a next state."""
+    mask = np.zeros(real.N.shape[0], dtype=bool)
+    for w in (real, twin):
+        mask |= w.N.sum(axis=1) > 0
+        mask |= (w.P > 0).any(axis=(0, 1))
+    return np.flatnonzero(mask)
+
+
+def _restrict(m: EmpiricalMDP, keep: np.ndarray) -> EmpiricalMDP:
+    """The empirical MDP on the states `keep` (no observed transition leaves that set, so no mass is lost)."""
+    if len(keep) == m.N.shape[0]:
+        return m
+    P = m.P[keep][:, :, keep]
+    return EmpiricalMDP(m.R[keep], P, m.N[keep], m.samples, m.reward_min, m.reward_max)
+
+
+def _restrict_var(var: np.ndarray | None, keep: np.ndarray) -> np.ndarray | None:
+    return None if var is None else var[keep]
 
 
 @dataclass
@@ -348,7 +445,8 @@ class CellMonitor:
         tm.new_transitions = 0
         tm.last_eval_t = now
         halves = self.real.halves(S, A) if tm.settings.noise_floor and len(self.real) >= 2 else None
-        return Snapshot(now, self.real.to_mdp(S, A), tm.window.to_mdp(S, A), halves, list(self.encoding.states.labels))
+        return Snapshot(now, self.real.to_mdp(S, A), tm.window.to_mdp(S, A), halves, list(self.encoding.states.labels),
+                        self.real.reward_variance(S, A), tm.window.reward_variance(S, A))  # fmt: skip
 
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""
@@ -362,6 +460,9 @@ class CellMonitor:
             samples_real=figures.samples_real,
             samples_twin=figures.samples_twin,
             coverage=figures.coverage,
+            p_value=figures.p_value,
+            interval_low=figures.interval_low,
+            shared=figures.coverage > 0,
         )
         decision = tm.trigger.update(ev)
         tm.evaluations += 1

@@ -392,7 +392,7 @@ class Daemon:
             "cell": report.cell, "twin": report.twin, "state": report.state, "t": report.t, "time": time.time(),
             "mismatch": f.mismatch, "mismatch_lower": f.mismatch_lower, "mismatch_upper": f.mismatch_upper,
             "noise_floor": f.noise_floor, "threshold": report.threshold, "samples_real": f.samples_real,
-            "samples_twin": f.samples_twin, "coverage": f.coverage, "reason": report.reason,
+            "samples_twin": f.samples_twin, "coverage": f.coverage, "reason": report.reason, **report.evidence(),
             "last_event_id": self._last_event.get((report.cell, report.twin)), "instance": self.instance,
         }  # fmt: skip
 
