@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo replay bench bench-daemon lint clean
+.PHONY: install system-deps test demo replay bench bench-daemon bench-detection lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV) || { echo "creating .venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
@@ -38,6 +38,12 @@ bench: $(STAMP)
 
 bench-daemon: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py
+
+# False alarms, detection delays, interval coverage and p-values on streams with known truth, against River's
+# detectors (installed here as the optional `bench` extra).
+bench-detection: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/bench_detection.py
 
 clean:
 	rm -rf $(VENV) samples .pytest_cache

@@ -32,7 +32,7 @@ from dtsync.config import Config, TwinSettings, WindowSettings
 from dtsync.contract import Transition
 from dtsync.encoding import CapacityError, CellEncoding, EncodingError, StateEncoder
 from dtsync.metric import DTBSMSolver, dtbsm, dtbsm_tv, regret_bound, regret_estimate
-from dtsync.metric.evidence import WindowStats, bootstrap_interval, permutation_test
+from dtsync.metric.evidence import WindowStats, bootstrap_interval, permutation_test, pool_thin
 from dtsync.trigger import Evaluation, Trigger
 from dtsync.window import EmpiricalMDP, SlidingWindow
 
@@ -64,8 +64,9 @@ class Snapshot:
 class TopState:
     """One of the worst-matching states, with the evidence behind it: its transitions in each window.
 
-    ``supported`` is False for a state with fewer than ``trigger.min_state_samples`` transitions in either
-    window: its d(s, s) is reported but mostly sampling noise (the documented rule for thin states)."""
+    ``supported`` is False for a thin state: one of its actions (seen in either window) has fewer than
+    ``trigger.min_state_samples`` transitions in one of the windows. Its d(s, s) is reported, but it is mostly
+    sampling noise there (d(s, s) is a max over actions), so it stays out of the evidence."""
 
     state: Any
     d: float
@@ -94,8 +95,11 @@ class Figures:
     iterations: int
     mismatch_supported: float  # max of d(s, s) over supported states only (0 if none is)
     p_value: float | None  # permutation test; None: not computed, the point was below the re-arm level
-    interval_low: float | None  # bootstrap interval for the mismatch; None: not computed (test not significant)
+    # Bootstrap interval for the mismatch with thin state-actions pooled (evidence.pool_thin); None: not computed
+    # (the test was not significant, or no state is supported yet)
+    interval_low: float | None
     interval_high: float | None
+    supported_states: int  # states with min_state_samples transitions in both windows
     interval_level: float  # its nominal two-sided coverage
     evidence_seconds: float  # part of compute_seconds spent on the test and the interval
 
@@ -138,7 +142,8 @@ class Report:
         """The evidence fields of the record (test, interval, supported max), for the status message."""
         f = self.figures
         return {"p_value": f.p_value, "interval_low": f.interval_low, "interval_high": f.interval_high,
-                "interval_level": f.interval_level, "mismatch_supported": f.mismatch_supported}  # fmt: skip
+                "interval_level": f.interval_level, "mismatch_supported": f.mismatch_supported,
+                "supported_states": f.supported_states}  # fmt: skip
 
 
 def _jsonable(label: Hashable) -> Any:
@@ -185,7 +190,13 @@ class MetricComputer:
         n_real, n_twin = real.N.sum(axis=1), twin.N.sum(axis=1)
         rule = st.trigger
         diag = np.diagonal(res.d).copy() if len(keep) else np.zeros(0)
-        supported = np.minimum(n_real, n_twin) >= rule.min_state_samples
+        # Thin states (an action with fewer than min_state_samples transitions in either window) are reported
+        # apart, and in the interval their thin state-actions are pooled (assumed to agree): see pool_thin.
+        seen = (real.N > 0) | (twin.N > 0)
+        never = np.iinfo(np.int64).max
+        fewest = np.where(seen, np.minimum(real.N, twin.N), never).min(axis=1, initial=never)
+        supported = seen.any(axis=1) & (fewest >= rule.min_state_samples)
+        sup_idx = np.flatnonzero(supported)
         order = np.argsort(-diag, kind="stable")[: st.top_states]
         top = [TopState(labels[i], float(diag[i]), int(n_real[i]), int(n_twin[i]), bool(supported[i])) for i in order]
 
@@ -196,13 +207,14 @@ class MetricComputer:
             w1 = WindowStats.from_arrays(real.P, real.N, real.R, _restrict_var(snap.real_reward_var, keep))
             w2 = WindowStats.from_arrays(twin.P, twin.N, twin.R, _restrict_var(snap.twin_reward_var, keep))
             p_value = permutation_test(w1, w2, resamples=PERMUTATIONS, rng=rng).p_value
-            if self.always_evidence or p_value <= rule.alpha:  # only then can the interval's lower end matter
+            if sup_idx.size and (self.always_evidence or p_value <= rule.alpha):  # else the interval cannot matter
 
                 def mismatch(R1: np.ndarray, P1: np.ndarray, R2: np.ndarray, P2: np.ndarray) -> float:
                     tol = max(st.tolerance, _RESAMPLE_TOLERANCE)
                     return dtbsm(R1, P1, R2, P2, st.gamma, tol, reward_range=reward_range).mismatch
 
-                iv = bootstrap_interval(res.mismatch, w1, w2, mismatch, level=rule.interval_level,
+                p1, p2 = pool_thin(w1, w2, rule.min_state_samples)
+                iv = bootstrap_interval(mismatch(*p1.mdp(), *p2.mdp()), p1, p2, mismatch, level=rule.interval_level,
                                         resamples=BOOTSTRAPS, rng=rng)  # fmt: skip
                 low, high = iv.low, iv.high
         now = time.perf_counter()
@@ -226,8 +238,27 @@ class MetricComputer:
             interval_low=low,
             interval_high=high,
             interval_level=rule.interval_level,
+            supported_states=int(sup_idx.size),
             evidence_seconds=now - evidence_started,
         )
+
+
+def evaluation(t: float, figures: Figures) -> Evaluation:
+    """What the trigger reads of computed figures (one definition, for the monitor and the benchmarks)."""
+    return Evaluation(
+        t=t,
+        mismatch=figures.mismatch,
+        mismatch_lower=figures.mismatch_lower,
+        mismatch_upper=figures.mismatch_upper,
+        noise_floor=figures.noise_floor,
+        samples_real=figures.samples_real,
+        samples_twin=figures.samples_twin,
+        coverage=figures.coverage,
+        p_value=figures.p_value,
+        interval_low=figures.interval_low,
+        shared=figures.coverage > 0,
+        supported_states=figures.supported_states,
+    )
 
 
 def _present(real: EmpiricalMDP, twin: EmpiricalMDP) -> np.ndarray:
@@ -451,20 +482,7 @@ class CellMonitor:
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""
         tm = self.twins[twin]
-        ev = Evaluation(
-            t=t,
-            mismatch=figures.mismatch,
-            mismatch_lower=figures.mismatch_lower,
-            mismatch_upper=figures.mismatch_upper,
-            noise_floor=figures.noise_floor,
-            samples_real=figures.samples_real,
-            samples_twin=figures.samples_twin,
-            coverage=figures.coverage,
-            p_value=figures.p_value,
-            interval_low=figures.interval_low,
-            shared=figures.coverage > 0,
-        )
-        decision = tm.trigger.update(ev)
+        decision = tm.trigger.update(evaluation(t, figures))
         tm.evaluations += 1
         event_id = None
         if decision.fired:

@@ -24,8 +24,11 @@ Semantics
   happens during the cooldown is deferred, not dropped: the trigger stays armed and fires on the first
   evaluation after the cooldown if the value is still at or above the threshold.
 * While either window is empty or holds fewer than ``min_samples`` transitions, no state-action has data in
-  both windows, or coverage is below ``min_coverage``, the twin is "warming" (too thin to judge, never "ok"):
-  nothing fires and the armed state is left untouched.
+  both windows, coverage is below ``min_coverage``, or (evidence rule) no state is supported (below), the
+  twin is "warming" (too thin to judge, never "ok"): nothing fires and the armed state is left untouched.
+* A state is *thin* when one of its actions has fewer than ``min_state_samples`` transitions in either window.
+  Thin states are reported apart and left out of the interval the evidence rule reads: a state seen a handful
+  of times cannot decide an alarm.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class Evaluation:
     p_value: float | None = None  # permutation test; None: not computed (it could not change the decision)
     interval_low: float | None = None  # lower end of the mismatch interval; None: not computed
     shared: bool = True  # some state-action has data in both windows
+    supported_states: int | None = None  # states with min_state_samples transitions in both (None: not counted)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,9 @@ class Trigger:
             return Decision(False, "warming", value, f"warming: {fewest} < {rule.min_samples} samples")
         if not ev.shared:
             return Decision(False, "warming", value, "warming: no state-action seen in both windows yet")
+        if rule.act_on == "evidence" and ev.supported_states == 0:
+            reason = f"warming: no state has {rule.min_state_samples} transitions per action in both windows yet"
+            return Decision(False, "warming", value, reason)
         if ev.coverage < rule.min_coverage:
             return Decision(
                 False, "warming", value, f"warming: coverage {ev.coverage:.3g} < {rule.min_coverage:.3g}"
