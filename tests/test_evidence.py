@@ -3,6 +3,8 @@ bootstrap fails (identical twins, whose empirical mismatch is far above the exac
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,46 @@ def test_interval_arguments_are_checked(kwargs: dict[str, float], message: str) 
     stats = WindowStats(np.array([[[3, 1]]]), np.array([[0.5]]), np.zeros((1, 1)))
     with pytest.raises(ValueError, match=message):
         bootstrap_interval(0.0, stats, stats, lambda *a: 0.0, **kwargs)  # type: ignore[arg-type]
+
+
+# --- the detection benchmark, short: the goals of the default rule on streams with known truth ------------------
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_detection.py"
+    spec = importlib.util.spec_from_file_location("bench_detection", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_detection"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_identical_twins_raise_no_event_from_noise_where_the_old_rules_did(bench) -> None:  # type: ignore[no-untyped-def]
+    """Windows filling from empty and then sliding, 1,000 looks: the evidence rule stays quiet; acting on the
+    point (or on the excess over the one-split noise floor) fires from sampling noise alone."""
+    m = bench.small(0)
+    fired = {"evidence": 0, "excess": 0}
+    for seed in range(2):
+        res = bench.run_stream(m, m, window=1000, every=50, evaluations=500, seed=seed)
+        for rule in fired:
+            fired[rule] += len(res.fired[rule])
+    assert fired["evidence"] == 0
+    assert fired["excess"] > 0  # the same streams: the noise is there to be seen
+
+
+@pytest.mark.parametrize("change", ["reward bias +0.1", "flip"])
+def test_a_drift_of_twice_the_threshold_is_flagged_within_one_window(bench, change: str) -> None:  # type: ignore[no-untyped-def]
+    m = bench.small(0)
+    after = bench.biased(m, 0.1) if change.startswith("reward") else (m[0], bench.shifted_actions(m[1]))
+    assert bench.exact(m, after) >= 2 * bench.THRESHOLD - 1e-9
+    window = 5000
+    res = bench.run_stream(m, m, window=window, every=250, evaluations=(3 * window) // 250, seed=3, after=after,
+                           change_at=window)  # fmt: skip
+    fires = res.fired["evidence"]
+    assert fires and fires[0] > window, fires  # nothing before the change
+    assert fires[0] - window <= window  # within one window length after it
