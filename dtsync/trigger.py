@@ -63,7 +63,7 @@ class TriggerRule:
     min_coverage: float = 0.0
     act_on: ActOn = "evidence"
     alpha: float = 0.01
-    min_state_samples: int = 30
+    min_state_samples: int = 50
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
