@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo replay bench bench-daemon soak lint clean
+.PHONY: install system-deps test demo replay bench bench-daemon bench-detection soak lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV) || { echo "creating .venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
@@ -43,6 +43,12 @@ bench-daemon: $(STAMP)
 # delivered (a 60 s version runs in `make test`: tests/test_daemon_soak.py).
 soak: system-deps $(STAMP)
 	$(BIN)/python benchmarks/soak.py --seconds $${SOAK_SECONDS:-600} --check
+
+# False alarms, detection delays, interval coverage and p-values on streams with known truth, against River's
+# detectors (installed here as the optional `bench` extra).
+bench-detection: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/bench_detection.py
 
 clean:
 	rm -rf $(VENV) samples .pytest_cache

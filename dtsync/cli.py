@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from dtsync.config import Config, ConfigError, MqttSettings, broker_settings, default_config, load_config
-from dtsync.monitor import Report
+from dtsync.monitor import Figures, Report
 from dtsync.progress import progress
 
 app = typer.Typer(
@@ -158,23 +158,36 @@ def _print_replay(
     by_twin: dict[str, list[Report]] = {}
     for r in reports:
         by_twin.setdefault(r.twin, []).append(r)
-    rows = [("twin", "evals", "events", "max mismatch", "last mismatch", "[lower, upper]", "noise floor", "state")]
+    rows = [("twin", "evals", "events", "max mismatch", "last mismatch", "interval", "p-value", "[lower, upper]",
+             "state")]  # fmt: skip
     for name, rs in by_twin.items():
         last = rs[-1].figures
         rows.append((
             name, str(len(rs)), str(sum(r.fired for r in rs)), _fmt(max(r.figures.mismatch for r in rs)),
-            _fmt(last.mismatch), f"[{_fmt(last.mismatch_lower)}, {_fmt(last.mismatch_upper)}]",
-            _fmt(last.noise_floor), rs[-1].state,
+            _fmt(last.mismatch), _interval(last), _p(last.p_value),
+            f"[{_fmt(last.mismatch_lower)}, {_fmt(last.mismatch_upper)}]", rs[-1].state,
         ))  # fmt: skip
     _table(rows)
     typer.echo(f"resync events: {len(events)}")
     for e in events:
         f = e.figures
-        typer.echo(f"  t={e.t:g} {e.twin}: {e.reason}; noise floor {_fmt(f.noise_floor)}, "
+        top = ", ".join(f"{s.state} (d {_fmt(s.d)}, n {s.n_real}/{s.n_twin})" for s in f.top_states[:3])
+        typer.echo(f"  t={e.t:g} {e.twin}: {e.reason}; mismatch {_fmt(f.mismatch)} {_interval(f)}, "
                    f"regret bound {_fmt(f.regret_bound)} (estimate {_fmt(f.regret_estimate)}), "
-                   f"top states {[s for s, _ in f.top_states[:3]]}")  # fmt: skip
+                   f"top states {top}")  # fmt: skip
     if timeline:
         typer.echo(f"timeline: {timeline} ({len(reports)} evaluations)")
+
+
+def _interval(f: Figures) -> str:
+    """The mismatch interval with its level, or '-' where it was not computed (no decision hinged on it)."""
+    if f.interval_low is None or f.interval_high is None:
+        return "-"
+    return f"[{_fmt(f.interval_low)}, {_fmt(f.interval_high)}] {f.interval_level:.0%}"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -217,15 +230,16 @@ def rank(
     if as_json:
         typer.echo(json.dumps([r.record() for r in ranked], indent=2))
         return
-    rows = [("rank", "twin", "mismatch", "[lower, upper]", "noise floor", "TV bound", "regret bound",
-             "regret est.", "coverage", "samples r/t", "min N(s,a)", "top states")]  # fmt: skip
+    rows = [("rank", "twin", "mismatch", "interval", "p-value", "[lower, upper]", "TV bound", "regret bound",
+             "regret est.", "coverage", "samples r/t", "min N(s,a)", "top states (n real/twin)")]  # fmt: skip
     for i, r in enumerate(ranked, start=1):
         f = r.report.figures
         rows.append((
-            str(i), r.report.twin, _fmt(f.mismatch), f"[{_fmt(f.mismatch_lower)}, {_fmt(f.mismatch_upper)}]",
-            _fmt(f.noise_floor), _fmt(f.tv_bound), _fmt(f.regret_bound), _fmt(f.regret_estimate),
-            f"{f.coverage:.0%}", f"{f.samples_real}/{f.samples_twin}", f"{r.min_count} (need {r.samples_needed:.2g})",
-            ", ".join(str(s) for s, _ in f.top_states[:3]),
+            str(i), r.report.twin, _fmt(f.mismatch), _interval(f), _p(f.p_value),
+            f"[{_fmt(f.mismatch_lower)}, {_fmt(f.mismatch_upper)}]", _fmt(f.tv_bound), _fmt(f.regret_bound),
+            _fmt(f.regret_estimate), f"{f.coverage:.0%}", f"{f.samples_real}/{f.samples_twin}",
+            f"{r.min_count} (need {r.samples_needed:.2g})",
+            ", ".join(f"{s.state} ({s.n_real}/{s.n_twin}{'' if s.supported else ', thin'})" for s in f.top_states[:3]),
         ))  # fmt: skip
     _table(rows)
 

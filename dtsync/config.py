@@ -113,7 +113,9 @@ class TriggerSettings(_Section):
     cooldown_seconds: float = Field(default=0.0, ge=0)
     min_samples: int = Field(default=0, ge=0)
     min_coverage: float = Field(default=0.0, ge=0, le=1)
-    act_on: ActOn = "point"
+    act_on: ActOn = "evidence"
+    alpha: float = Field(default=0.01, gt=0, lt=0.5)
+    min_state_samples: int = Field(default=50, ge=1)
 
     @model_validator(mode="after")
     def _valid_rule(self) -> TriggerSettings:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dtsync.window import EmpiricalMDP
 
-__all__ = ["TERMINAL", "absorb"]
+__all__ = ["TERMINAL", "absorb", "absorb_arrays"]
 
 # A tuple holding a string can never be a contract label: labels are ints and strings, and binned vectors
 # become tuples of ints. JSON shows it as ["<terminal>"] (e.g. in top_states).
@@ -35,8 +37,20 @@ def absorb(mdp: EmpiricalMDP, terminal: int | None) -> EmpiricalMDP:
     """
     if terminal is None or terminal >= mdp.R.shape[0]:
         return mdp
-    R, P = mdp.R.copy(), mdp.P.copy()
+    R, P = absorb_arrays(mdp.R, mdp.P, terminal)
+    return dataclasses.replace(mdp, R=R, P=P)
+
+
+def absorb_arrays(R: np.ndarray, P: np.ndarray, terminal: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(R, P) with state ``terminal`` absorbing at reward 0, as copies; unchanged when ``terminal`` is None.
+
+    The bootstrap redraws transitions only where there are samples, so its resamples need this too: a
+    terminal state left without rows would read as missing data there, under another convention than the
+    observed figure."""
+    if terminal is None or terminal >= R.shape[0]:
+        return R, P
+    R, P = R.copy(), P.copy()
     R[terminal] = 0.0
     P[terminal] = 0.0
     P[terminal, :, terminal] = 1.0
-    return dataclasses.replace(mdp, R=R, P=P)
+    return R, P

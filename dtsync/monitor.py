@@ -5,8 +5,15 @@ daemon both drive this class, so a recorded trace and the same trace received li
 
 An evaluation has three steps so that the daemon can run the heavy one off its event loop:
 `snapshot` (copies the windows into arrays; cheap, on the caller's thread), `compute` (the metric, its
-noise floor and bounds; pure, may run in a worker thread, never two at once for one twin), and `decide`
-(the trigger rule; on the caller's thread). `evaluate` chains them for offline use.
+noise floor, evidence and bounds; pure, may run in a worker process, never two at once for one twin), and
+`decide` (the trigger rule; on the caller's thread). `evaluate` chains them for offline use.
+
+The evaluation record is defined once, here (:class:`Figures` and :meth:`Report.record`): the replay timeline,
+resync events, status messages and Prometheus gauges all read it.
+
+What is compared: the labels *present in the windows now* (a state seen as s or s' in either window). A label
+seen once long ago and gone from both windows carries no data; leaving it in would pin the pessimistic bound
+at Rbar/(1-gamma) for ever (labels never leave the cell's encoder).
 """
 
 from __future__ import annotations
@@ -14,19 +21,26 @@ from __future__ import annotations
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dtsync.config import Config, TwinSettings, WindowSettings
 from dtsync.contract import Transition
 from dtsync.encoding import CapacityError, CellEncoding, EncodingError, StateEncoder
-from dtsync.episodes import TERMINAL, absorb
-from dtsync.metric import DTBSMSolver, dtbsm_tv, regret_bound, regret_estimate
+from dtsync.episodes import TERMINAL, absorb, absorb_arrays
+from dtsync.metric import DTBSMSolver, dtbsm, dtbsm_tv, regret_bound, regret_estimate
+from dtsync.metric.evidence import WindowStats, bootstrap_interval, permutation_test, pool_thin
 from dtsync.trigger import Evaluation, Trigger
 from dtsync.window import EmpiricalMDP, SlidingWindow
 
 REAL = "real"
+PERMUTATIONS = 199  # resamples of the permutation test: p-values down to 0.005, below the default alpha 0.01
+BOOTSTRAPS = 20  # metric solves for the interval, only when the test is significant
+_RESAMPLE_TOLERANCE = 1e-6  # a resample's mismatch needs no more accuracy than this (noise is far larger)
 _EVENT_NAMESPACE = uuid.UUID("5f1d7c1e-4b0a-4d55-9a53-0d6a4e2b7c11")
 
 
@@ -43,6 +57,24 @@ class Snapshot:
     twin: EmpiricalMDP
     real_halves: tuple[EmpiricalMDP, EmpiricalMDP] | None
     labels: list[Hashable]
+    real_reward_var: np.ndarray | None = None  # (S, A) reward variance per state-action (for the evidence)
+    twin_reward_var: np.ndarray | None = None
+    terminal: int | None = None  # the cell's absorbing state (episodes), kept absorbing in every resample
+
+
+@dataclass(frozen=True)
+class TopState:
+    """One of the worst-matching states, with the evidence behind it: its transitions in each window.
+
+    ``supported`` is False for a thin state: one of its actions (seen in either window) has fewer than
+    ``trigger.min_state_samples`` transitions in one of the windows. Its d(s, s) is reported, but it is mostly
+    sampling noise there (d(s, s) is a max over actions), so it stays out of the evidence."""
+
+    state: Any
+    d: float
+    n_real: int
+    n_twin: int
+    supported: bool
 
 
 @dataclass(frozen=True)
@@ -60,9 +92,18 @@ class Figures:
     samples_real: int
     samples_twin: int
     rbar: float
-    top_states: list[tuple[Any, float]]
+    top_states: list[TopState]
     compute_seconds: float
     iterations: int
+    mismatch_supported: float  # max of d(s, s) over supported states only (0 if none is)
+    p_value: float | None  # permutation test; None: not computed, the point was below the re-arm level
+    # Bootstrap interval for the mismatch with thin state-actions pooled (evidence.pool_thin); None: not computed
+    # (the test was not significant, or no state is supported yet)
+    interval_low: float | None
+    interval_high: float | None
+    supported_states: int  # states with min_state_samples transitions in both windows
+    interval_level: float  # its nominal two-sided coverage
+    evidence_seconds: float  # part of compute_seconds spent on the test and the interval
 
 
 @dataclass(frozen=True)
@@ -83,8 +124,10 @@ class Report:
     event_id: str | None
 
     def record(self) -> dict[str, Any]:
+        """Every figure, the decision and the event id: the one schema of timeline rows and events."""
         figures = asdict(self.figures)
-        figures["top_states"] = [{"state": _jsonable(s), "d": v} for s, v in self.figures.top_states]
+        for row in figures["top_states"]:
+            row["state"] = _jsonable(row["state"])
         return {
             "t": self.t,
             "cell": self.cell,
@@ -96,6 +139,20 @@ class Report:
             "event_id": self.event_id,
             "reason": self.reason,
         }
+
+    def status(self) -> dict[str, Any]:
+        """The part of the record a twin's retained status carries: the decision and the headline figures with
+        their evidence (test, interval, supported max), without the per-state detail."""
+        f = self.figures
+        return {
+            "cell": self.cell, "twin": self.twin, "state": self.state, "t": self.t,
+            "mismatch": f.mismatch, "mismatch_lower": f.mismatch_lower, "mismatch_upper": f.mismatch_upper,
+            "noise_floor": f.noise_floor, "threshold": self.threshold, "samples_real": f.samples_real,
+            "samples_twin": f.samples_twin, "coverage": f.coverage, "reason": self.reason,
+            "p_value": f.p_value, "interval_low": f.interval_low, "interval_high": f.interval_high,
+            "interval_level": f.interval_level, "mismatch_supported": f.mismatch_supported,
+            "supported_states": f.supported_states,
+        }  # fmt: skip
 
 
 def _jsonable(label: Hashable) -> Any:
@@ -121,22 +178,57 @@ class MetricComputer:
     settings: TwinSettings
     solver: DTBSMSolver = field(default_factory=DTBSMSolver)
     noise_solver: DTBSMSolver = field(default_factory=DTBSMSolver)
+    always_evidence: bool = False  # test and interval on every evaluation (rank), not only when they can matter
 
     def compute(self, snap: Snapshot) -> Figures:
-        """The metric, its interval, noise floor and bounds for one snapshot."""
+        """The metric, its noise floor, evidence and bounds for one snapshot, over the labels present now."""
         started = time.perf_counter()
         st = self.settings
-        real, twin = snap.real, snap.twin
+        keep = _present(snap.real, snap.twin)
+        real, twin = _restrict(snap.real, keep), _restrict(snap.twin, keep)
+        labels = [snap.labels[int(i)] for i in keep]
+        end = None if snap.terminal is None else _position(keep, snap.terminal)
         reward_range = st.reward_range or _observed_range(real, twin)
         res = self.solver.solve(real.R, real.P, twin.R, twin.P, st.gamma, st.tolerance, reward_range=reward_range)
         floor = 0.0
         if snap.real_halves is not None:
-            a, b = snap.real_halves
+            a, b = (_restrict(h, keep) for h in snap.real_halves)
             if a.samples and b.samples:
                 half = self.noise_solver.solve(a.R, a.P, b.R, b.P, st.gamma, st.tolerance, reward_range=reward_range)
                 floor = half.mismatch * _noise_scale(real.samples, twin.samples)
         tv = dtbsm_tv(real.R, real.P, twin.R, twin.P, st.gamma, rbar=max(res.rbar, _span(reward_range)))
-        labelled = [(snap.labels[int(s)], v) for s, v in res.top_states(st.top_states)]
+        n_real, n_twin = real.N.sum(axis=1), twin.N.sum(axis=1)
+        rule = st.trigger
+        diag = np.diagonal(res.d).copy() if len(keep) else np.zeros(0)
+        # Thin states (an action with fewer than min_state_samples transitions in either window) are reported
+        # apart, and in the interval their thin state-actions are pooled (assumed to agree): see pool_thin.
+        seen = (real.N > 0) | (twin.N > 0)
+        never = np.iinfo(np.int64).max
+        fewest = np.where(seen, np.minimum(real.N, twin.N), never).min(axis=1, initial=never)
+        supported = seen.any(axis=1) & (fewest >= rule.min_state_samples)
+        sup_idx = np.flatnonzero(supported)
+        order = np.argsort(-diag, kind="stable")[: st.top_states]
+        top = [TopState(labels[i], float(diag[i]), int(n_real[i]), int(n_twin[i]), bool(supported[i])) for i in order]
+
+        evidence_started = time.perf_counter()
+        p_value = low = high = None
+        if len(keep) and (self.always_evidence or res.mismatch >= rule.rearm_level):  # else no decision hinges on it
+            rng = np.random.default_rng(zlib.crc32(f"{st.cell}/{st.twin}/{snap.t!r}/{real.samples}".encode()))
+            w1 = WindowStats.from_arrays(real.P, real.N, real.R, _restrict_var(snap.real_reward_var, keep))
+            w2 = WindowStats.from_arrays(twin.P, twin.N, twin.R, _restrict_var(snap.twin_reward_var, keep))
+            p_value = permutation_test(w1, w2, resamples=PERMUTATIONS, rng=rng).p_value
+            if sup_idx.size and (self.always_evidence or p_value <= rule.alpha):  # else the interval cannot matter
+
+                def mismatch(R1: np.ndarray, P1: np.ndarray, R2: np.ndarray, P2: np.ndarray) -> float:
+                    tol = max(st.tolerance, _RESAMPLE_TOLERANCE)
+                    (R1, P1), (R2, P2) = absorb_arrays(R1, P1, end), absorb_arrays(R2, P2, end)  # resampled too
+                    return dtbsm(R1, P1, R2, P2, st.gamma, tol, reward_range=reward_range).mismatch
+
+                p1, p2 = pool_thin(w1, w2, rule.min_state_samples)
+                iv = bootstrap_interval(mismatch(*p1.mdp(), *p2.mdp()), p1, p2, mismatch, level=rule.interval_level,
+                                        resamples=BOOTSTRAPS, rng=rng)  # fmt: skip
+                low, high = iv.low, iv.high
+        now = time.perf_counter()
         return Figures(
             mismatch=res.mismatch,
             mismatch_lower=res.mismatch_lower,
@@ -149,10 +241,62 @@ class MetricComputer:
             samples_real=real.samples,
             samples_twin=twin.samples,
             rbar=res.rbar,
-            top_states=labelled,
-            compute_seconds=time.perf_counter() - started,
+            top_states=top,
+            compute_seconds=now - started,
             iterations=res.iterations,
+            mismatch_supported=float(diag[supported].max(initial=0.0)),
+            p_value=p_value,
+            interval_low=low,
+            interval_high=high,
+            interval_level=rule.interval_level,
+            supported_states=int(sup_idx.size),
+            evidence_seconds=now - evidence_started,
         )
+
+
+def evaluation(t: float, figures: Figures) -> Evaluation:
+    """What the trigger reads of computed figures (one definition, for the monitor and the benchmarks)."""
+    return Evaluation(
+        t=t,
+        mismatch=figures.mismatch,
+        mismatch_lower=figures.mismatch_lower,
+        mismatch_upper=figures.mismatch_upper,
+        noise_floor=figures.noise_floor,
+        samples_real=figures.samples_real,
+        samples_twin=figures.samples_twin,
+        coverage=figures.coverage,
+        p_value=figures.p_value,
+        interval_low=figures.interval_low,
+        shared=figures.coverage > 0,
+        supported_states=figures.supported_states,
+    )
+
+
+def _present(real: EmpiricalMDP, twin: EmpiricalMDP) -> np.ndarray:
+    """Indices of the states present in either window now: seen as a state or as a next state."""
+    mask = np.zeros(real.N.shape[0], dtype=bool)
+    for w in (real, twin):
+        mask |= w.N.sum(axis=1) > 0
+        mask |= (w.P > 0).any(axis=(0, 1))
+    return np.flatnonzero(mask)
+
+
+def _restrict(m: EmpiricalMDP, keep: np.ndarray) -> EmpiricalMDP:
+    """The empirical MDP on the states `keep` (no observed transition leaves that set, so no mass is lost)."""
+    if len(keep) == m.N.shape[0]:
+        return m
+    P = m.P[keep][:, :, keep]
+    return EmpiricalMDP(m.R[keep], P, m.N[keep], m.samples, m.reward_min, m.reward_max)
+
+
+def _position(keep: np.ndarray, index: int) -> int | None:
+    """Where state `index` sits among the states `keep` (None if absent)."""
+    at = int(np.searchsorted(keep, index))
+    return at if at < len(keep) and keep[at] == index else None
+
+
+def _restrict_var(var: np.ndarray | None, keep: np.ndarray) -> np.ndarray | None:
+    return None if var is None else var[keep]
 
 
 @dataclass
@@ -361,22 +505,13 @@ class CellMonitor:
         end = self.encoding.states.get(TERMINAL)  # episodes: absorbing in every MDP of the pair
         halves = None if halves is None else (absorb(halves[0], end), absorb(halves[1], end))
         real, twin = absorb(self.real.to_mdp(S, A), end), absorb(tm.window.to_mdp(S, A), end)
-        return Snapshot(now, real, twin, halves, list(self.encoding.states.labels))
+        return Snapshot(now, real, twin, halves, list(self.encoding.states.labels),
+                        self.real.reward_variance(S, A), tm.window.reward_variance(S, A), end)  # fmt: skip
 
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""
         tm = self.twins[twin]
-        ev = Evaluation(
-            t=t,
-            mismatch=figures.mismatch,
-            mismatch_lower=figures.mismatch_lower,
-            mismatch_upper=figures.mismatch_upper,
-            noise_floor=figures.noise_floor,
-            samples_real=figures.samples_real,
-            samples_twin=figures.samples_twin,
-            coverage=figures.coverage,
-        )
-        decision = tm.trigger.update(ev)
+        decision = tm.trigger.update(evaluation(t, figures))
         tm.evaluations += 1
         event_id = None
         if decision.fired:

@@ -5,6 +5,15 @@ The rule is a threshold with hysteresis and a cooldown, in the style of a drift 
 :class:`Decision` back. Time is part of the evaluation, never read from a clock, so a replay of recorded
 telemetry fires exactly as the live daemon did.
 
+The default rule, ``act_on: evidence``, fires on evidence rather than on a figure: the *lower end* of the
+mismatch's bootstrap interval must reach ``threshold`` **and** the permutation test must reject "the twin is
+exchangeable with the real network" at level ``alpha`` (default 0.01; see :mod:`dtsync.metric.evidence`). The
+lower end of a two-sided interval at level 1 - 2 alpha is a one-sided 1 - alpha confidence bound, so a twin whose
+true mismatch is below the threshold fires with probability at most about alpha per look, and far less when its
+true mismatch is well below (identical twins). Re-arming needs the evidence gone: the lower end below
+``rearm_below``, or the test no longer significant. The other ``act_on`` choices (``point``, ``lower``,
+``upper``, ``excess``) compare one figure with the threshold, as before.
+
 Semantics
 ---------
 * The trigger starts *armed*. An armed trigger fires when the acted-on value reaches ``threshold``; it then
@@ -14,8 +23,12 @@ Semantics
 * No event is emitted within ``cooldown_seconds`` (evaluation time) of the previous one. A crossing that
   happens during the cooldown is deferred, not dropped: the trigger stays armed and fires on the first
   evaluation after the cooldown if the value is still at or above the threshold.
-* While either window holds fewer than ``min_samples`` transitions, or coverage is below ``min_coverage``,
-  the twin is "warming": nothing fires and the armed state is left untouched.
+* While either window is empty or holds fewer than ``min_samples`` transitions, no state-action has data in
+  both windows, coverage is below ``min_coverage``, or (evidence rule) no state is supported (below), the
+  twin is "warming" (too thin to judge, never "ok"): nothing fires and the armed state is left untouched.
+* A state is *thin* when one of its actions has fewer than ``min_state_samples`` transitions in either window.
+  Thin states are reported apart and left out of the interval the evidence rule reads: a state seen a handful
+  of times cannot decide an alarm.
 """
 
 from __future__ import annotations
@@ -25,12 +38,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal
 
-ActOn = Literal["point", "lower", "upper", "excess"]
+ActOn = Literal["evidence", "point", "lower", "upper", "excess"]
 State = Literal["warming", "ok", "drifted"]
 
-ACT_ON_CHOICES: tuple[ActOn, ...] = ("point", "lower", "upper", "excess")
+ACT_ON_CHOICES: tuple[ActOn, ...] = ("evidence", "point", "lower", "upper", "excess")
 
 _FIGURE_NAMES: dict[ActOn, str] = {
+    "evidence": "interval lower end",
     "point": "mismatch",
     "lower": "mismatch lower bound",
     "upper": "mismatch upper bound",
@@ -47,7 +61,9 @@ class TriggerRule:
     cooldown_seconds: float = 0.0
     min_samples: int = 0
     min_coverage: float = 0.0
-    act_on: ActOn = "point"
+    act_on: ActOn = "evidence"
+    alpha: float = 0.01
+    min_state_samples: int = 50
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
@@ -67,6 +83,11 @@ class TriggerRule:
             raise ValueError(f"min_samples must be an integer >= 0, got {self.min_samples!r}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
+        integral = isinstance(self.min_state_samples, numbers.Integral) and not isinstance(self.min_state_samples, bool)
+        if not integral or self.min_state_samples < 1:
+            raise ValueError(f"min_state_samples must be an integer >= 1, got {self.min_state_samples!r}")
         if self.act_on not in ACT_ON_CHOICES:
             raise ValueError(f"act_on must be one of {', '.join(ACT_ON_CHOICES)}; got {self.act_on!r}")
 
@@ -74,6 +95,11 @@ class TriggerRule:
     def rearm_level(self) -> float:
         """The value the acted-on figure must drop below to re-arm (``rearm_below`` or the threshold)."""
         return self.threshold if self.rearm_below is None else self.rearm_below
+
+    @property
+    def interval_level(self) -> float:
+        """Two-sided level of the interval whose lower end the evidence rule reads: 1 - 2 alpha."""
+        return 1.0 - 2.0 * self.alpha
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,10 @@ class Evaluation:
     samples_real: int
     samples_twin: int
     coverage: float
+    p_value: float | None = None  # permutation test; None: not computed (it could not change the decision)
+    interval_low: float | None = None  # lower end of the mismatch interval; None: not computed
+    shared: bool = True  # some state-action has data in both windows
+    supported_states: int | None = None  # states with min_state_samples transitions in both (None: not counted)
 
 
 @dataclass(frozen=True)
@@ -101,7 +131,12 @@ class Decision:
 
 
 def acted_on_value(rule: TriggerRule, ev: Evaluation) -> float:
-    """The figure the threshold applies to: point, optimistic/pessimistic bound, or excess over the floor."""
+    """The figure the threshold applies to: the interval's lower end (evidence), point, optimistic/pessimistic
+    bound, or excess over the floor. For the evidence rule, an interval not computed counts as 0: it is computed
+    whenever the point estimate reaches the re-arm level and the test is significant, so otherwise there is no
+    evidence to act on."""
+    if rule.act_on == "evidence":
+        return 0.0 if ev.interval_low is None else ev.interval_low
     if rule.act_on == "point":
         return ev.mismatch
     if rule.act_on == "lower":
@@ -130,8 +165,16 @@ class Trigger:
         label = f"{_FIGURE_NAMES[rule.act_on]} {value:.4g}"
 
         fewest = min(ev.samples_real, ev.samples_twin)
+        if fewest == 0:
+            empty = "twin" if ev.samples_twin == 0 else "real"
+            return Decision(False, "warming", value, f"warming: the {empty} window is empty")
         if fewest < rule.min_samples:
             return Decision(False, "warming", value, f"warming: {fewest} < {rule.min_samples} samples")
+        if not ev.shared:
+            return Decision(False, "warming", value, "warming: no state-action seen in both windows yet")
+        if rule.act_on == "evidence" and ev.supported_states == 0:
+            reason = f"warming: no state has {rule.min_state_samples} transitions per action in both windows yet"
+            return Decision(False, "warming", value, reason)
         if ev.coverage < rule.min_coverage:
             return Decision(
                 False, "warming", value, f"warming: coverage {ev.coverage:.3g} < {rule.min_coverage:.3g}"
@@ -139,8 +182,13 @@ class Trigger:
         if math.isnan(value):
             return Decision(False, "warming", value, f"warming: {_FIGURE_NAMES[rule.act_on]} is undefined")
 
+        evidence = rule.act_on == "evidence"
+        significant = ev.p_value is not None and ev.p_value <= rule.alpha
+        if evidence:
+            p = "not computed" if ev.p_value is None else f"{ev.p_value:.3g}"
+            label = f"{label} ({rule.interval_level:.0%} interval), p-value {p}"
         if not self.armed:
-            if value < rule.rearm_level:
+            if value < rule.rearm_level or (evidence and not significant):
                 self.armed = True
             else:
                 return Decision(
@@ -149,6 +197,8 @@ class Trigger:
 
         if value < rule.threshold:
             return Decision(False, "ok", value, f"{label} < threshold {rule.threshold:.4g}")
+        if evidence and not significant:
+            return Decision(False, "ok", value, f"{label} > alpha {rule.alpha:g}: not distinguishable from noise")
 
         if self.last_fired_t is not None and ev.t - self.last_fired_t < rule.cooldown_seconds:
             until = self.last_fired_t + rule.cooldown_seconds

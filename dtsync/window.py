@@ -264,6 +264,18 @@ class SlidingWindow:
         self._head, self._end, self._base = 0, n, int(arrivals)
         self._now = max(float(now), float(t.max()) if n else -math.inf)
         self._evict()
+    def reward_variance(self, n_states: int, n_actions: int) -> np.ndarray:
+        """(S, A) population variance of the rewards of each state-action in the window (0 where unseen): what
+        the permutation test and the bootstrap need beside the means. Recounted from the columns, like halves()."""
+        live = slice(self._head, self._end)
+        s, a, r = self._s[live], self._a[live], self._r[live]
+        sa = s * n_actions + a
+        size = n_states * n_actions
+        n = np.bincount(sa, minlength=size)
+        mean = np.divide(np.bincount(sa, weights=r, minlength=size), n, out=np.zeros(size), where=n > 0)
+        dev = r - mean[sa]  # two-pass: no cancellation for large rewards
+        var = np.divide(np.bincount(sa, weights=dev * dev, minlength=size), n, out=np.zeros(size), where=n > 0)
+        return var.reshape(n_states, n_actions)
 
     def _make_room(self, n: int) -> None:
         """Ensure n free slots after the end: move the live part to the front, growing or shrinking the buffer

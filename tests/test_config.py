@@ -60,7 +60,8 @@ def test_good_file_loads(tmp_path: Path) -> None:
     a = cfg.twin_settings("cell-1", "twin-a")
     assert a.gamma == 0.9 and a.tolerance == 1e-8 and a.reward_range is None
     assert a.window == WindowSettings(count=5000)
-    assert a.trigger == TriggerRule(threshold=0.5, rearm_below=0.4, cooldown_seconds=60, min_samples=500)
+    assert a.trigger == TriggerRule(threshold=0.5, rearm_below=0.4, cooldown_seconds=60, min_samples=500,
+                                    act_on="point")
     assert a.bins == ((0.0, 10.0, 20.0), (0.5, 1.0))
     assert a.noise_floor is True and a.top_states == 5
     assert cfg.schedule.every_seconds == 5.0 and cfg.schedule.every_transitions == 500
@@ -74,7 +75,8 @@ def test_twin_overrides_merge_partially(tmp_path: Path) -> None:
     assert b.gamma == 0.95
     assert b.reward_range == (-1.0, 1.0)
     # trigger: only threshold replaced; the rest is inherited.
-    assert b.trigger == TriggerRule(threshold=0.8, rearm_below=0.4, cooldown_seconds=60, min_samples=500)
+    assert b.trigger == TriggerRule(threshold=0.8, rearm_below=0.4, cooldown_seconds=60, min_samples=500,
+                                    act_on="point")
     assert b.window == WindowSettings(count=2000)
     # The real window of the cell stays the top-level one.
     assert b.real_window == WindowSettings(count=5000)
@@ -119,7 +121,7 @@ def test_unknown_pair_is_key_error() -> None:
             "cells.c.twins.t.window: window needs count, seconds or both",
         ),
         ({"schedule": {}}, "schedule: schedule needs every_seconds, every_transitions or both"),
-        ({"trigger": {"threshold": 0.5, "act_on": "median"}}, "trigger.act_on: Input should be 'point'"),
+        ({"trigger": {"threshold": 0.5, "act_on": "median"}}, "trigger.act_on: Input should be 'evidence'"),
         ({"trigger": {"rearm_below": 0.1}}, "trigger.threshold: Field required"),
         (
             {"trigger": {"threshold": 0.5, "rearm_below": 0.6}},

@@ -72,3 +72,55 @@ def test_ingest_with_a_time_only_schedule_and_a_busy_twin() -> None:
     assert due == [(t, ["a"]) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)]
     monitor.release("b")
     assert monitor.due(2.8) == ["b"]
+
+
+def _monitor(**trigger: object) -> CellMonitor:
+    config = parse_config({"window": {"count": 300}, "schedule": {"every_transitions": 10_000},
+                           "trigger": {"threshold": 0.5, **trigger}, "cells": {"c": {"twins": {"a": {}}}}})  # fmt: skip
+    return CellMonitor("c", config)
+
+
+def test_a_twin_that_sent_nothing_is_warming_not_ok() -> None:
+    monitor = _monitor()
+    for i in range(200):
+        assert monitor.add(REAL, Transition(i % 3, 0, 1.0, (i + 1) % 3, t=float(i)), 0.0) is None
+    report = monitor.evaluate("a", 200.0)
+    assert report.state == "warming" and report.reason == "warming: the twin window is empty"
+    assert report.record()["state"] == "warming" and not report.fired
+
+
+def test_missing_data_bounds_are_taken_over_labels_present_now() -> None:
+    """A label seen once at the start and gone from both windows must not pin the pessimistic bound."""
+    monitor = _monitor()
+    for stream in (REAL, "a"):
+        monitor.add(stream, Transition("rare", 0, 0.0, 0, t=0.0), 0.0)
+    rng = random.Random(5)
+    for i in range(1, 1000):  # both windows (300) forget "rare"; the cell's encoder keeps its label
+        for stream in (REAL, "a"):
+            s = rng.randrange(3)
+            monitor.add(stream, Transition(s, rng.randrange(2), float(s), (s + rng.randrange(2)) % 3, t=float(i)), 0.0)
+    report = monitor.evaluate("a", 1000.0)
+    f = report.figures
+    assert "rare" in monitor.encoding.states.labels
+    assert f.coverage == 1.0 and f.mismatch_lower == f.mismatch == f.mismatch_upper
+    assert all(top.state != "rare" for top in f.top_states)
+
+
+def test_the_record_carries_the_evidence_and_each_top_state_its_counts() -> None:
+    monitor = _monitor(min_state_samples=50)
+    rng = random.Random(6)
+    for i in range(1000):
+        for stream in (REAL, "a"):
+            s = 0 if rng.random() < 0.97 else 1  # state 1 is thin: a handful of visits in each window
+            r = float(s) + (0.5 if stream == "a" and s == 0 else 0.0)  # the twin's rewards are off in state 0
+            monitor.add(stream, Transition(s, 0, r, 0 if rng.random() < 0.97 else 1, t=float(i)), 0.0)
+    report = monitor.evaluate("a", 1000.0)
+    rec = report.record()
+    assert rec["p_value"] is not None and rec["p_value"] <= 0.01
+    assert rec["interval_low"] is not None and rec["interval_low"] <= rec["mismatch"] <= rec["interval_high"]
+    assert rec["interval_level"] == 0.98 and report.fired and report.state == "drifted"
+    tops = {row["state"]: row for row in rec["top_states"]}
+    assert tops[0]["supported"] and tops[0]["n_real"] + tops[1]["n_real"] == 300
+    assert not tops[1]["supported"] and tops[1]["n_twin"] < 50
+    assert rec["mismatch_supported"] == tops[0]["d"]
+    assert report.status()["p_value"] == rec["p_value"]

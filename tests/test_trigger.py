@@ -5,6 +5,11 @@ import pytest
 from dtsync.trigger import Decision, Evaluation, Trigger, TriggerRule
 
 
+def point(**kwargs: object) -> TriggerRule:
+    """A rule on the point mismatch (the figure rules predate the evidence default and are kept for users)."""
+    return TriggerRule(**{"act_on": "point", **kwargs})  # type: ignore[arg-type]
+
+
 def ev(
     t: float,
     mismatch: float,
@@ -32,7 +37,7 @@ def run(trigger: Trigger, values: list[float], dt: float = 1.0) -> list[Decision
 
 
 def test_one_event_per_upward_crossing() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, rearm_below=0.3))
+    trig = Trigger(point(threshold=0.5, rearm_below=0.3))
     decisions = run(trig, [0.1, 0.6, 0.7, 0.9, 0.6, 0.2, 0.1, 0.8, 0.9])
     assert [d.fired for d in decisions] == [False, True, False, False, False, False, False, True, False]
     assert [d.state for d in decisions] == ["ok", "drifted", "drifted", "drifted", "drifted", "ok", "ok",
@@ -41,7 +46,7 @@ def test_one_event_per_upward_crossing() -> None:
 
 
 def test_hysteresis_band_prevents_refire_on_wobble() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, rearm_below=0.3))
+    trig = Trigger(point(threshold=0.5, rearm_below=0.3))
     decisions = run(trig, [0.6, 0.45, 0.55, 0.4, 0.52, 0.35, 0.5])
     assert sum(d.fired for d in decisions) == 1
     # Between threshold and re-arm level the twin stays drifted until it re-arms.
@@ -49,14 +54,14 @@ def test_hysteresis_band_prevents_refire_on_wobble() -> None:
 
 
 def test_without_band_rearms_just_below_threshold() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5))
+    trig = Trigger(point(threshold=0.5))
     decisions = run(trig, [0.6, 0.45, 0.55, 0.49, 0.5])
     assert [d.fired for d in decisions] == [True, False, True, False, True]
     assert [d.state for d in decisions] == ["drifted", "ok", "drifted", "ok", "drifted"]
 
 
 def test_cooldown_suppresses_then_deferred_crossing_fires() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, cooldown_seconds=10.0))
+    trig = Trigger(point(threshold=0.5, cooldown_seconds=10.0))
     first = trig.update(ev(0.0, 0.9))
     assert first.fired
     assert not trig.update(ev(2.0, 0.1)).fired  # re-armed
@@ -72,7 +77,7 @@ def test_cooldown_suppresses_then_deferred_crossing_fires() -> None:
 
 
 def test_cooldown_drops_crossing_that_recovers_within_it() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, cooldown_seconds=10.0))
+    trig = Trigger(point(threshold=0.5, cooldown_seconds=10.0))
     assert trig.update(ev(0.0, 0.9)).fired
     assert trig.update(ev(1.0, 0.1)).state == "ok"
     assert not trig.update(ev(2.0, 0.9)).fired
@@ -82,7 +87,7 @@ def test_cooldown_drops_crossing_that_recovers_within_it() -> None:
 
 
 def test_warming_on_samples_never_fires_and_keeps_armed_state() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, min_samples=500))
+    trig = Trigger(point(threshold=0.5, min_samples=500))
     d = trig.update(Evaluation(0.0, 0.9, 0.9, 0.9, 0.0, samples_real=120, samples_twin=800, coverage=1.0))
     assert (d.fired, d.state) == (False, "warming")
     assert d.reason == "warming: 120 < 500 samples"
@@ -95,7 +100,7 @@ def test_warming_on_samples_never_fires_and_keeps_armed_state() -> None:
 
 
 def test_warming_on_coverage() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, min_coverage=0.8))
+    trig = Trigger(point(threshold=0.5, min_coverage=0.8))
     d = trig.update(ev(0.0, 0.9, coverage=0.5))
     assert (d.fired, d.state) == (False, "warming")
     assert "coverage" in d.reason
@@ -103,7 +108,7 @@ def test_warming_on_coverage() -> None:
 
 
 def test_undefined_value_is_warming() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5))
+    trig = Trigger(point(threshold=0.5))
     d = trig.update(ev(0.0, math.nan))
     assert (d.fired, d.state) == (False, "warming")
     assert trig.armed
@@ -114,7 +119,7 @@ def test_undefined_value_is_warming() -> None:
     [("point", 0.5), ("lower", 0.2), ("upper", 0.9), ("excess", 0.5 - 0.15)],
 )
 def test_act_on_selects_figure(act_on: str, expected: float) -> None:
-    trig = Trigger(TriggerRule(threshold=0.4, act_on=act_on))  # type: ignore[arg-type]
+    trig = Trigger(point(threshold=0.4, act_on=act_on))  # type: ignore[arg-type]
     d = trig.update(ev(0.0, 0.5, lower=0.2, upper=0.9, floor=0.15))
     assert d.value == pytest.approx(expected)
     assert d.fired == (expected >= 0.4)
@@ -123,22 +128,22 @@ def test_act_on_selects_figure(act_on: str, expected: float) -> None:
 
 
 def test_excess_is_clipped_at_zero() -> None:
-    trig = Trigger(TriggerRule(threshold=0.0, act_on="excess"))
+    trig = Trigger(point(threshold=0.0, act_on="excess"))
     d = trig.update(ev(0.0, 0.1, floor=0.3))
     assert d.value == 0.0
     assert d.fired  # threshold 0 fires on any evaluation at or above it
 
 
 def test_fired_reason_explains() -> None:
-    d = Trigger(TriggerRule(threshold=0.3)).update(ev(0.0, 0.42))
+    d = Trigger(point(threshold=0.3)).update(ev(0.0, 0.42))
     assert d.fired
     assert d.reason == "mismatch 0.42 >= threshold 0.3 (point)"
 
 
 def test_set_rule_keeps_armed_and_cooldown_state() -> None:
-    trig = Trigger(TriggerRule(threshold=0.5, cooldown_seconds=10.0))
+    trig = Trigger(point(threshold=0.5, cooldown_seconds=10.0))
     assert trig.update(ev(0.0, 0.9)).fired
-    trig.set_rule(TriggerRule(threshold=0.6, cooldown_seconds=10.0))
+    trig.set_rule(point(threshold=0.6, cooldown_seconds=10.0))
     assert trig.rule.threshold == 0.6
     assert not trig.update(ev(1.0, 0.9)).fired  # still disarmed after the reload
     assert not trig.armed and trig.last_fired_t == 0.0
@@ -167,3 +172,61 @@ def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
 def test_rearm_level_defaults_to_threshold() -> None:
     assert TriggerRule(threshold=0.5).rearm_level == 0.5
     assert TriggerRule(threshold=0.5, rearm_below=0.2).rearm_level == 0.2
+
+
+def evidence_ev(t: float, low: float | None, p: float | None, *, mismatch: float = 2.0, **kw: object) -> Evaluation:
+    return Evaluation(t, mismatch, mismatch, mismatch, 0.0, samples_real=kw.get("samples_real", 1000),  # type: ignore[arg-type]
+                      samples_twin=kw.get("samples_twin", 1000), coverage=1.0, p_value=p,  # type: ignore[arg-type]
+                      interval_low=low, shared=kw.get("shared", True))  # type: ignore[arg-type]
+
+
+def test_evidence_is_the_default_rule() -> None:
+    assert TriggerRule(threshold=0.5).act_on == "evidence"
+    assert TriggerRule(threshold=0.5).alpha == 0.01
+    assert TriggerRule(threshold=0.5).interval_level == pytest.approx(0.98)
+
+
+def test_evidence_rule_needs_both_the_lower_end_and_significance() -> None:
+    trig = Trigger(TriggerRule(threshold=0.5))
+    # A large point mismatch alone (identical twins on finite windows) is not evidence.
+    d = trig.update(evidence_ev(0.0, None, 0.4, mismatch=3.0))
+    assert (d.fired, d.state) == (False, "ok")
+    # Significant, but the interval's lower end is below the threshold: different, not by enough.
+    d = trig.update(evidence_ev(1.0, 0.3, 0.005))
+    assert (d.fired, d.state) == (False, "ok") and "< threshold" in d.reason
+    # Lower end above the threshold but the test does not reject: not distinguishable from noise.
+    d = trig.update(evidence_ev(2.0, 0.7, 0.02))
+    assert (d.fired, d.state) == (False, "ok") and "not distinguishable from noise" in d.reason
+    d = trig.update(evidence_ev(3.0, 0.7, 0.01))
+    assert (d.fired, d.state) == (True, "drifted")
+    assert d.reason.startswith("interval lower end 0.7 (98% interval), p-value 0.01 >= threshold 0.5")
+
+
+def test_evidence_rule_rearms_once_the_evidence_is_gone() -> None:
+    trig = Trigger(TriggerRule(threshold=0.5, rearm_below=0.3))
+    assert trig.update(evidence_ev(0.0, 0.9, 0.005)).fired
+    assert trig.update(evidence_ev(1.0, 0.4, 0.005)).state == "drifted"  # still above the re-arm level
+    assert not trig.armed
+    assert trig.update(evidence_ev(2.0, None, 0.3)).state == "ok"  # test no longer significant: re-armed
+    assert trig.armed
+    assert trig.update(evidence_ev(3.0, 0.8, 0.005)).fired
+
+
+def test_empty_or_disjoint_windows_are_warming_never_ok() -> None:
+    trig = Trigger(TriggerRule(threshold=0.5))
+    d = trig.update(evidence_ev(0.0, None, None, mismatch=0.0, samples_twin=0))
+    assert (d.fired, d.state, d.reason) == (False, "warming", "warming: the twin window is empty")
+    d = trig.update(evidence_ev(1.0, None, None, mismatch=0.0, samples_real=0))
+    assert d.state == "warming" and "real window is empty" in d.reason
+    d = trig.update(evidence_ev(2.0, None, None, mismatch=0.0, shared=False))
+    assert d.state == "warming" and "both windows" in d.reason
+    # The figure rules too: an empty twin window reads mismatch 0, which is not "ok".
+    assert Trigger(point(threshold=0.5)).update(evidence_ev(0.0, None, None, mismatch=0.0, samples_twin=0)).state == (
+        "warming"
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, -0.1, 1.0])
+def test_alpha_must_be_a_small_probability(alpha: float) -> None:
+    with pytest.raises(ValueError, match="alpha must be in"):
+        TriggerRule(threshold=0.5, alpha=alpha)

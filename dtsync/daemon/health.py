@@ -33,17 +33,11 @@ class StatusBoard:
 
     def from_report(self, report: Report) -> dict[str, Any]:
         """The retained status after an evaluation (remembered for re-publishing)."""
-        f = report.figures
         key = (report.cell, report.twin)
         if report.fired and report.event_id is not None:
             self.last_event[key] = report.event_id
-        status = {
-            "cell": report.cell, "twin": report.twin, "state": report.state, "t": report.t, "time": time.time(),
-            "mismatch": f.mismatch, "mismatch_lower": f.mismatch_lower, "mismatch_upper": f.mismatch_upper,
-            "noise_floor": f.noise_floor, "threshold": report.threshold, "samples_real": f.samples_real,
-            "samples_twin": f.samples_twin, "coverage": f.coverage, "reason": report.reason,
-            "last_event_id": self.last_event.get(key), "instance": self.instance,
-        }  # fmt: skip
+        status = {**report.status(), "time": time.time(), "last_event_id": self.last_event.get(key),
+                  "instance": self.instance}  # fmt: skip
         self.status[key] = status
         return status
 

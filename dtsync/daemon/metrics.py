@@ -10,6 +10,7 @@ The endpoint runs in its own thread (prometheus_client's threading WSGI server),
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -39,6 +40,15 @@ class DaemonMetrics:
         self.mismatch = gauge("dtsync_mismatch", "DT-BSM point estimate max_s d(s,s) of a twin.")
         self.mismatch_lower = gauge("dtsync_mismatch_lower", "Optimistic DT-BSM (unknown terms at 0).")
         self.mismatch_upper = gauge("dtsync_mismatch_upper", "Pessimistic DT-BSM (unknown terms at Rbar/(1-gamma)).")
+        self.interval_low = gauge(
+            "dtsync_mismatch_interval_low", "Lower end of the mismatch's bootstrap interval (NaN: not computed)."
+        )
+        self.interval_high = gauge(
+            "dtsync_mismatch_interval_high", "Upper end of the mismatch's bootstrap interval (NaN: not computed)."
+        )
+        self.p_value = gauge(
+            "dtsync_mismatch_p_value", "Permutation-test p-value of 'twin and real are alike' (NaN: not computed)."
+        )
         self.noise_floor = gauge("dtsync_noise_floor", "Mismatch expected from sampling noise alone.")
         self.tv_bound = gauge("dtsync_tv_bound", "TV-based upper bound max_s d_TV(s)/(1-gamma) on the mismatch.")
         self.regret_bound = gauge("dtsync_regret_bound", "Proven deployment-regret bound 2/(1-gamma) * DT-BSM.")
@@ -112,6 +122,8 @@ class DaemonMetrics:
             (self.mismatch_upper, f.mismatch_upper), (self.noise_floor, f.noise_floor), (self.tv_bound, f.tv_bound),
             (self.regret_bound, f.regret_bound), (self.regret_estimate, f.regret_estimate),
             (self.threshold, report.threshold), (self.coverage, f.coverage),
+            (self.interval_low, _or_nan(f.interval_low)), (self.interval_high, _or_nan(f.interval_high)),
+            (self.p_value, _or_nan(f.p_value)),
         ):  # fmt: skip
             gauge.labels(*labels).set(value)
         self.window_samples.labels(*labels, "real").set(f.samples_real)
@@ -127,6 +139,7 @@ class DaemonMetrics:
         for metric in (
             self.mismatch, self.mismatch_lower, self.mismatch_upper, self.noise_floor, self.tv_bound,
             self.regret_bound, self.regret_estimate, self.threshold, self.coverage, self.last_evaluation,
+            self.interval_low, self.interval_high, self.p_value,
             self.twin_state, self.resync_events, self.compute_seconds, self.evaluations_deferred,
         ):  # fmt: skip
             try:
@@ -153,6 +166,10 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 Health = Callable[[], tuple[bool, dict[str, Any]]]

@@ -16,12 +16,23 @@ def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _interval(s: dict[str, Any]) -> str:
+    """The mismatch interval, or '-' where the daemon did not need it (the test found nothing to explain)."""
+    if s.get("interval_low") is None:
+        return "-"
+    return f"[{_num(s['interval_low'])}, {_num(s['interval_high'])}]"
+
+
+def _p(s: dict[str, Any]) -> str:
+    return "-" if s.get("p_value") is None else f"{s['p_value']:.3g}"
+
+
 def table(result: DemoResult) -> Table:
     now = time.time()
     elapsed = now - result.started
     phase = "stale twin switched" if now >= result.switch_at else f"switch in {result.switch_at - now:.0f} s"
     t = Table(title=f"dtsync demo — {elapsed:.0f} s ({phase})", caption=f"metrics: {result.metrics_url}")
-    for col in ("twin", "state", "mismatch", "[lower, upper]", "noise floor", "threshold (on excess)", "samples r/t",
+    for col in ("twin", "state", "mismatch", "98% interval", "p-value", "threshold (on the lower end)", "samples r/t",
                 "events"):  # fmt: skip
         t.add_column(col)
     for name, view in result.twins.items():
@@ -29,14 +40,13 @@ def table(result: DemoResult) -> Table:
         state = s.get("state", "waiting")
         style = {"drifted": "bold red", "ok": "green"}.get(state, "yellow")
         t.add_row(
-            name, f"[{style}]{state}[/]", _num(s.get("mismatch")),
-            f"[{_num(s.get('mismatch_lower'))}, {_num(s.get('mismatch_upper'))}]", _num(s.get("noise_floor")),
-            _num(s.get("threshold")), f"{s.get('samples_real', 0)}/{s.get('samples_twin', 0)}", str(len(view.events)),
+            name, f"[{style}]{state}[/]", _num(s.get("mismatch")), _interval(s), _p(s), _num(s.get("threshold")),
+            f"{s.get('samples_real', 0)}/{s.get('samples_twin', 0)}", str(len(view.events)),
         )  # fmt: skip
     for name, view in result.twins.items():
         for e in view.events:
             t.add_row("", f"[bold red]RESYNC[/] {name} at {e['time'] - result.started:.0f} s", _num(e["mismatch"]),
-                      "", _num(e["noise_floor"]), "", "", "")  # fmt: skip
+                      _interval(e), _p(e), "", "", "")  # fmt: skip
     return t
 
 
@@ -61,13 +71,13 @@ class View:
         view = result.twins[twin]
         if what == "event":
             e = view.events[-1]
-            text = (f"{at:5.1f} s  RESYNC {twin}: mismatch {e['mismatch']:.3f}, noise floor {e['noise_floor']:.3f}; "
-                    f"{e['reason']} (event {e['event_id']})")  # fmt: skip
+            text = (f"{at:5.1f} s  RESYNC {twin}: mismatch {e['mismatch']:.3f}, interval {_interval(e)}, "
+                    f"p-value {_p(e)}; {e['reason']} (event {e['event_id']})")  # fmt: skip
             self.console.print(text, highlight=False)
         elif view.status.get("mismatch") is not None:
             s = view.status
-            self.console.print(f"{at:5.1f} s  {twin}: {s['state']}, mismatch {s['mismatch']:.3f}, noise floor "
-                               f"{s['noise_floor']:.3f}, samples {s['samples_real']}/{s['samples_twin']}",
+            self.console.print(f"{at:5.1f} s  {twin}: {s['state']}, mismatch {s['mismatch']:.3f}, interval "
+                               f"{_interval(s)}, p-value {_p(s)}, samples {s['samples_real']}/{s['samples_twin']}",
                                highlight=False)  # fmt: skip
 
     def stop(self) -> None:
@@ -84,6 +94,6 @@ def summary(result: DemoResult) -> list[str]:
         lines.append(f"  {name}: {len(view.events)} resync event(s); last state {last.get('state', 'none')}, "
                      f"mismatch {_num(last.get('mismatch'))}")  # fmt: skip
         for e in view.events:
-            lines.append(f"    at {e['time'] - result.started:.0f} s: {e['reason']}; top states "
-                         f"{[s['state'] for s in e['top_states'][:2]]}")  # fmt: skip
+            top = ", ".join(f"{s['state']} (n {s['n_real']}/{s['n_twin']})" for s in e["top_states"][:2])
+            lines.append(f"    at {e['time'] - result.started:.0f} s: {e['reason']}; top states {top}")
     return lines

@@ -52,6 +52,7 @@ def rank(config: Config, real: Path, twins: dict[str, Path]) -> list[Ranked]:
                 last_t = max(last_t, item.t)
     out = []
     for name, tm in monitor.twins.items():
+        tm.computer.always_evidence = True  # a ranking is read once: show the interval and p-value of every twin
         snap = monitor.snapshot(name, last_t)
         report = monitor.decide(name, snap.t, tm.computer.compute(snap))
         both = snap.real.known & snap.twin.known
