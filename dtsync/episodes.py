@@ -15,8 +15,6 @@ in the real window's MDP and in each twin's alike (so d(TERMINAL, TERMINAL) = 0 
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from dtsync.window import EmpiricalMDP
@@ -38,7 +36,7 @@ def absorb(mdp: EmpiricalMDP, terminal: int | None) -> EmpiricalMDP:
     if terminal is None or terminal >= mdp.R.shape[0]:
         return mdp
     R, P = absorb_arrays(mdp.R, mdp.P, terminal)
-    return dataclasses.replace(mdp, R=R, P=P)
+    return EmpiricalMDP(R, P, mdp.N, mdp.samples, mdp.reward_min, mdp.reward_max)
 
 
 def absorb_arrays(R: np.ndarray, P: np.ndarray, terminal: int | None) -> tuple[np.ndarray, np.ndarray]:

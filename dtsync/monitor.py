@@ -184,15 +184,18 @@ class MetricComputer:
         """The metric, its noise floor, evidence and bounds for one snapshot, over the labels present now."""
         started = time.perf_counter()
         st = self.settings
-        keep = _present(snap.real, snap.twin)
-        real, twin = _restrict(snap.real, keep), _restrict(snap.twin, keep)
+        # Episodes: the terminal state is absorbing in every MDP of the pair (applied here, in the worker, so that
+        # the snapshot still travels as transitions).
+        real, twin = absorb(snap.real, snap.terminal), absorb(snap.twin, snap.terminal)
+        keep = _present(real, twin)
+        real, twin = _restrict(real, keep), _restrict(twin, keep)
         labels = [snap.labels[int(i)] for i in keep]
         end = None if snap.terminal is None else _position(keep, snap.terminal)
         reward_range = st.reward_range or _observed_range(real, twin)
         res = self.solver.solve(real.R, real.P, twin.R, twin.P, st.gamma, st.tolerance, reward_range=reward_range)
         floor = 0.0
         if snap.real_halves is not None:
-            a, b = (_restrict(h, keep) for h in snap.real_halves)
+            a, b = (_restrict(absorb(h, snap.terminal), keep) for h in snap.real_halves)
             if a.samples and b.samples:
                 half = self.noise_solver.solve(a.R, a.P, b.R, b.P, st.gamma, st.tolerance, reward_range=reward_range)
                 floor = half.mismatch * _noise_scale(real.samples, twin.samples)
@@ -502,11 +505,9 @@ class CellMonitor:
         tm.new_transitions = 0
         tm.last_eval_t = now
         halves = self.real.halves(S, A) if tm.settings.noise_floor and len(self.real) >= 2 else None
-        end = self.encoding.states.get(TERMINAL)  # episodes: absorbing in every MDP of the pair
-        halves = None if halves is None else (absorb(halves[0], end), absorb(halves[1], end))
-        real, twin = absorb(self.real.to_mdp(S, A), end), absorb(tm.window.to_mdp(S, A), end)
-        return Snapshot(now, real, twin, halves, list(self.encoding.states.labels),
-                        self.real.reward_variance(S, A), tm.window.reward_variance(S, A), end)  # fmt: skip
+        return Snapshot(now, self.real.to_mdp(S, A), tm.window.to_mdp(S, A), halves, list(self.encoding.states.labels),
+                        self.real.reward_variance(S, A), tm.window.reward_variance(S, A),
+                        self.encoding.states.get(TERMINAL))  # fmt: skip
 
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""

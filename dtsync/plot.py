@@ -4,7 +4,7 @@
 `plot_timeline` draws, per (cell, twin), the mismatch over time with its interval, the threshold, the noise
 floor, and each resync event as a red marker and line. `plot_ranking` draws the candidates of `dtsync rank` as
 bars with their intervals. Both read records defensively: a key missing from an older (or newer) timeline is
-simply not drawn. The interval drawn is the statistical one (``mismatch_ci_low``/``mismatch_ci_high``) when
+simply not drawn. The interval drawn is the statistical one (``interval_low``/``interval_high``) when
 the records have it, else the missing-data interval (``mismatch_lower``/``mismatch_upper``); the legend says
 which. Under ``act_on: excess`` the firing line is drawn at noise floor + threshold, where the mismatch must
 reach for an event. Uses matplotlib's object-oriented API (no pyplot, no global backend state), so it is safe
@@ -24,7 +24,7 @@ from typing import Any
 __all__ = ["PlotUnavailable", "plot_ranking", "plot_timeline", "read_timeline"]
 
 EVENT_COLOR = "#d62728"  # resync events, in both plots' legends
-_INTERVALS = (("mismatch_ci_low", "mismatch_ci_high", "interval"), ("mismatch_lower", "mismatch_upper",
+_INTERVALS = (("interval_low", "interval_high", "interval"), ("mismatch_lower", "mismatch_upper",
               "missing-data interval"))  # fmt: skip
 _EPOCH_FROM = 1e8  # a `t` beyond this is Unix time (live); below, trace time (line numbers or a trace's own clock)
 

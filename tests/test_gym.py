@@ -130,7 +130,7 @@ def test_box_observations_are_binned_by_the_cells_encoder(tmp_path: Path) -> Non
     config = parse_config({"gamma": GAMMA, "window": {"count": 2000}, "encoder": {"bins": bins}})
     (ranked,) = rank(config, path, {"same": path})
     assert ranked.rejected == 0 and ranked.report.figures.mismatch == pytest.approx(0.0, abs=1e-9)
-    assert any(isinstance(s, tuple) for s, _ in ranked.report.figures.top_states)
+    assert any(isinstance(top.state, tuple) for top in ranked.report.figures.top_states)
 
 
 def test_a_user_function_labels_what_has_no_rule() -> None:

@@ -63,7 +63,7 @@ def test_timeline_marks_events_only_where_there_are_some(tmp_path: Path) -> None
     assert quiet_only.shape == (int(100 * (2.6 + 0.6)), 900, 3) and share_near(quiet_only, EVENT_RGB) == 0.0
 
 
-@pytest.mark.parametrize(("keys", "band"), [(("mismatch_ci_low", "mismatch_ci_high"), True),
+@pytest.mark.parametrize(("keys", "band"), [(("interval_low", "interval_high"), True),
                                             (("mismatch_lower", "mismatch_upper"), True), ((), False)])  # fmt: skip
 def test_interval_is_drawn_from_whichever_keys_the_records_have(tmp_path: Path, keys: tuple[str, ...],
                                                                 band: bool) -> None:  # fmt: skip
