@@ -123,10 +123,13 @@ def plot_ranking(records: Sequence[Mapping[str, Any]], out: str | os.PathLike[st
     for low_key, high_key, label in _INTERVALS:
         low, high = _column(rs, low_key), _column(rs, high_key)
         if any(v is not None for v in low) and any(v is not None for v in high):
-            lo = [m - (v if v is not None else m) for v, m in zip(low, y, strict=True)]
-            hi = [(v if v is not None else m) - m for v, m in zip(high, y, strict=True)]
-            ax.errorbar(pos, y, yerr=[lo, hi], fmt="none", ecolor="k", capsize=4, lw=1, label=label)
-            tops += [m + h for m, h in zip(y, hi, strict=True) if m + h <= 3 * max(m, 1e-12)]
+            # Drawn from its own ends, not as error bars around the bar: a bias-corrected interval may lie wholly
+            # below the (upward-biased) point figure.
+            lo = [v if v is not None else m for v, m in zip(low, y, strict=True)]
+            hi = [v if v is not None else m for v, m in zip(high, y, strict=True)]
+            ax.vlines(pos, lo, hi, color="k", lw=1.2, label=label)
+            ax.scatter(pos + pos, lo + hi, marker="_", s=120, color="k", zorder=3)
+            tops += [h for m, h in zip(y, hi, strict=True) if h <= 3 * max(m, 1e-12)]
             break
     floor = _column(rs, "noise_floor")
     if any(v is not None for v in floor):
