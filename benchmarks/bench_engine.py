@@ -431,17 +431,17 @@ def bench_gamma(table: Table, quick: bool) -> None:
 def memory_bound(S1: int, S2: int, A: int, K1: int, K2: int) -> int:
     """Bytes one solve allocates at its peak, inputs excluded (README, Performance):
 
-        S1 S2 A (4 nb + 16)  +  S1 S2 (16 nb + 192)  +  16 A (S1^2 + S2^2)  +  24 A (S1 K1 + S2 K2),
+        S1 S2 A (4 nb + 24)  +  S1 S2 (16 nb + 200)  +  16 A (S1^2 + S2^2)  +  24 A (S1 K1 + S2 K2),
         nb = 2 max(K1, K2) - 1.
 
-    Per transport problem an int32 tree basis of nb cells and two float anchors (wb, ex); per pair the chosen
-    coupling (int64 targets, float masses) and at most 24 float / int64 (S1, S2) arrays alive at once (the
-    workspace's act, G, exa and last d; the loop's d, F and accepted F; the fixed points kept for warm starts
+    Per transport problem an int32 tree basis of nb cells and three float anchors (wb, ex, eq); per pair the
+    chosen coupling (int64 targets, float masses) and at most 25 float / int64 (S1, S2) arrays alive at once (the
+    workspace's act, G, exa, eqa and last d; the loop's d, F and accepted F; the fixed points kept for warm starts
     and returned; the loop's temporaries); the validated dense copies of both P (twice when data is missing:
     the point estimate's completions) and the sparse supports (int64 indices, float masses, support sizes).
     Numba's per-thread scratch (a few K x K arrays) is not counted."""
     nb = 2 * max(K1, K2) - 1
-    return S1 * S2 * A * (4 * nb + 16) + S1 * S2 * (16 * nb + 192) + 16 * A * (S1 * S1 + S2 * S2) + 24 * A * (
+    return S1 * S2 * A * (4 * nb + 24) + S1 * S2 * (16 * nb + 200) + 16 * A * (S1 * S1 + S2 * S2) + 24 * A * (
         S1 * K1 + S2 * K2
     )
 

@@ -25,13 +25,16 @@ class SweepState(NamedTuple):
     codes: np.ndarray  # (S, S', A, 2K-1) int32: tree basis of each problem (`transport` encoding)
     wb: np.ndarray  # (S, S', A): value of the problem's coupling at its last visit, minus Pr[s, a] then
     ex: np.ndarray  # (S, S', A): the basis is optimal while cum < ex; -inf: placeholder coupling, rebuild
+    eq: np.ndarray  # (S, S', A): ... or while Q[s, a] < eq (the row-local clock; -inf: no such certificate)
     G: np.ndarray  # (S, S'): bound on the known competitors of act[s, s'], minus gamma * Z[s] then
     exa: np.ndarray  # (S, S'): ex of act[s, s']'s problem
+    eqa: np.ndarray  # (S, S'): eq of act[s, s']'s problem
     act: np.ndarray  # (S, S') int64: maximising action (-1: the unknown term)
     tgt: np.ndarray  # (S, S', 2K-1) int64: act's coupling, as target pair indices x * S' + y (-1 ends)
     flw: np.ndarray  # (S, S', 2K-1): and masses
     Pr: np.ndarray  # (S, A): row clock, sum_x P(x|s, a) rowC[x]
     Z: np.ndarray  # (S,): pair clock, advanced by the largest rise of Pr[s, .]
+    Q: np.ndarray  # (S, A): support clock, sum over the support of P(.|s, a) of rowA[x]
 
 
 class SweepOutput(NamedTuple):
@@ -123,7 +126,7 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
     """Row s of `sweep` (its proof is there)."""
     R1, n1, idx1, p1 = real.R, real.n, real.idx, real.mass
     R2, n2, idx2, p2 = twin.R, twin.n, twin.idx, twin.mass
-    codes, wb, ex, G, exa, act, tgt, flw, Pr, Z = st
+    codes, wb, ex, eq, G, exa, eqa, act, tgt, flw, Pr, Z, Q = st
     F = out.F
     S2 = n2.shape[0]
     A = n1.shape[1]
@@ -142,7 +145,7 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
     flat = d.reshape(d.shape[0] * S2)
     for s2 in range(S2):
         a = act[s, s2]
-        if 0 <= a < A and G[s, s2] < np.inf and (not exact or cum < exa[s, s2]):
+        if 0 <= a < A and G[s, s2] < np.inf and (not exact or cum < exa[s, s2] or Q[s, a] < eqa[s, s2]):
             # (iii) fast path, sequential memory only: the previous choice's coupling (still optimal when exact)
             value = 0.0
             for pos in range(nb):
@@ -182,6 +185,7 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                         value += p1[s, b, i] * d[idx1[s, b, i], y0]
                 wb[s, s2, b] = value - Pr[s, b]
                 ex[s, s2, b] = np.inf
+                eq[s, s2, b] = np.inf
                 dots += 1
                 total = abs(R1[s, b] - R2[s2, b]) + gamma * value
                 if total > best:
@@ -219,8 +223,10 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                 # A placeholder coupling (cost-blind, cheap); ex = -inf marks it for a greedy rebuild.
                 value = _corner_value(codes, s, s2, a, k, kk, real, twin, w, d)
                 ex[s, s2, a] = -np.inf
+                eq[s, s2, a] = -np.inf
             dominated = fits and abs(R1[s, a] - R2[s2, a]) + gamma * value <= best
-            if exact and (not fits or not cum < ex[s, s2, a]) and not dominated:
+            optimal = cum < ex[s, s2, a] or Q[s, a] < eq[s, s2, a]
+            if exact and (not fits or not optimal) and not dominated:
                 cb = codes[s, s2, a]
                 pa = p1[s, a, :k]
                 qa = p2[s2, a, :kk]
@@ -236,9 +242,12 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                 pivots += piv
                 failures += status
                 if status == 0:
-                    ex[s, s2, a] = cum + slack / (2 * min(k, kk)) - margin
+                    reach = slack / (2 * min(k, kk))
+                    ex[s, s2, a] = cum + reach - margin
+                    eq[s, s2, a] = Q[s, a] + reach - 1e-12 * (1.0 + Q[s, a])
                 else:  # (v) expired, basis kept: the next exact sweep resumes the simplex where this one stopped
                     ex[s, s2, a] = -1.0
+                    eq[s, s2, a] = -np.inf
                     out.gaps[s] = max(out.gaps[s], gamma * slack)
             else:
                 dots += 1
@@ -268,6 +277,7 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                 g = max(g, abs(R1[s, b] - R2[s2, b]) + gamma * (wb[s, s2, b] + Pr[s, b]))
         G[s, s2] = g - gamma * Z[s]
         exa[s, s2] = ex[s, s2, best_a] if best_a >= 0 else -np.inf
+        eqa[s, s2] = eq[s, s2, best_a] if best_a >= 0 else -np.inf
         for pos in range(nb):
             if pos < best_n:
                 tgt[s, s2, pos] = best_t[pos]
@@ -288,7 +298,8 @@ def sweep(d, cum, real, twin, st, gamma, unknown_value, exact, max_pivots, out) 
 
     Clocks (advanced by `Workspace.observe` each time d is read, rounded upwards): cum, the sum of the sup-norm
     changes of d; rowC[x], the sum of max_y (change of d(x, y)), signed; Pr[s, a] = sum_x P(x|s,a) rowC[x];
-    Z[s], the sum of the per-read rises max_a (change of Pr[s, a]). `margin` absorbs their round-off.
+    Z[s], the sum of the per-read rises max_a (change of Pr[s, a]); rowA[x], the sum of max_y |change of d(x, y)|,
+    and Q[s, a], the sum of rowA[x] over the support of P(.|s, a). `margin` absorbs their round-off.
 
     (i) Value anchors. A coupling pi of problem (s, s', a) has row marginal P(.|s, a), so between two reads
         <pi, d_new> - <pi, d_old> = sum_x sum_y pi(x, y) (d_new - d_old)(x, y) <= sum_x P(x|s, a) max_y (...),
@@ -311,6 +322,10 @@ def sweep(d, cum, real, twin, st, gamma, unknown_value, exact, max_pivots, out) 
         no reduced cost turns negative. A reduced cost is C_ij minus the alternating sum of the costs on the
         tree path from i to j (at most 2 min(k, k') - 1 cells), so a change of at most delta per cost moves it
         by at most 2 min(k, k') delta: the basis is optimal while cum < ex = cum_then + slack / (2 min(k, k')).
+        Every cost of the problem lies in a row x of the support of P(.|s, a), and has changed by at most the rise
+        of rowA[x] <= the rise of Q[s, a]: it is also optimal while Q[s, a] < eq = Q_then + slack / (2 min(k, k')).
+        This one expires only with the rows the problem reads, so a local change of d (a window step) leaves
+        far-away certificates standing.
         Its flows depend on the marginals only, so it stays feasible while they do. A problem left at the pivot
         limit keeps a feasible basis (so (i) holds for its value) and an expired ex; gamma times its duality
         gap goes to out.gaps[s], so that out.F lies in [F(d), F(d) + max(gaps)] (exact=True).
@@ -344,22 +359,27 @@ class Workspace:
         self.codes = np.full((0, 0, 0, 1), -1, np.int32)
         self.wb = np.zeros((0, 0, 0))
         self.ex = np.zeros((0, 0, 0))
+        self.eq = np.zeros((0, 0, 0))
         self.act = np.zeros((0, 0), np.int64)
         self.G = np.zeros((0, 0))
         self.exa = np.zeros((0, 0))
+        self.eqa = np.zeros((0, 0))
         self.tgt = np.zeros((0, 0, 1), np.int64)
         self.flw = np.zeros((0, 0, 1))
         self.cum = 0.0
         self.rowC = np.zeros(0)
+        self.rowA = np.zeros(0)
         self.Pr = np.zeros((0, 0))
         self.Z = np.zeros(0)
+        self.Q = np.zeros((0, 0))
         self.seen: np.ndarray | None = None
         self.m1: SparseMDP | None = None
         self.m2: SparseMDP | None = None
 
     def state(self) -> SweepState:
         return SweepState(
-            self.codes, self.wb, self.ex, self.G, self.exa, self.act, self.tgt, self.flw, self.Pr, self.Z
+            self.codes, self.wb, self.ex, self.eq, self.G, self.exa, self.eqa, self.act, self.tgt, self.flw,
+            self.Pr, self.Z, self.Q,
         )
 
     def prepare(self, m1: SparseMDP, m2: SparseMDP) -> None:
@@ -376,13 +396,16 @@ class Workspace:
             self.codes = codes
             self.wb = np.full((S1, S2, A), np.inf)
             self.ex = np.full((S1, S2, A), -np.inf)
+            self.eq = np.full((S1, S2, A), -np.inf)
             self.act = np.full((S1, S2), -1, np.int64)
             self.G = np.full((S1, S2), np.inf)
             self.exa = np.full((S1, S2), -np.inf)
+            self.eqa = np.full((S1, S2), -np.inf)
             self.tgt = np.full((S1, S2, codes.shape[3]), -1, np.int64)
             self.flw = np.zeros((S1, S2, codes.shape[3]))
             self.cum = 0.0
             self.rowC = np.zeros(S1)
+            self.rowA = np.zeros(S1)
             self.Z = np.zeros(S1)
             self.seen = None
             self.key = key
@@ -397,16 +420,24 @@ class Workspace:
                 s, a = np.nonzero(c1)
                 self.wb[s, :, a] = np.inf
                 self.ex[s, :, a] = -1.0  # expired; the basis stays as a warm start
+                self.eq[s, :, a] = -np.inf
             if c2.any():
                 s2, a = np.nonzero(c2)
                 self.wb[:, s2, a] = np.inf
                 self.ex[:, s2, a] = -1.0
+                self.eq[:, s2, a] = -np.inf
         self.m1, self.m2 = m1, m2
         self.Pr = self._row_clock()  # at the new masses (rows whose masses changed lost their anchors)
+        self.Q = self._support_clock()
 
     def _row_clock(self) -> np.ndarray:
         assert self.m1 is not None
         return np.einsum("sak,sak->sa", self.m1.mass, self.rowC[self.m1.idx])
+
+    def _support_clock(self) -> np.ndarray:
+        assert self.m1 is not None
+        inside = np.arange(self.m1.idx.shape[2]) < self.m1.n[..., None]
+        return np.where(inside, self.rowA[self.m1.idx], 0.0).sum(axis=-1)
 
     def observe(self, d: np.ndarray) -> None:
         """d is about to be read: advance the clocks by how far it moved since the last read."""
@@ -418,6 +449,8 @@ class Workspace:
         self.cum += float(np.max(np.abs(moved), initial=0.0)) * (1.0 + 1e-12)
         rise = np.max(moved, axis=1, initial=-np.inf)  # signed: wb and G only bound from above
         self.rowC += rise + 1e-12 * np.abs(rise)
+        self.rowA += np.max(np.abs(moved), axis=1, initial=0.0) * (1.0 + 1e-12)
+        self.Q = self._support_clock()
         self.seen[...] = d
         old = self.Pr
         self.Pr = self._row_clock()

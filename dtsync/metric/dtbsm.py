@@ -10,12 +10,16 @@ Solver: policy iteration on the min-max game behind the operator. A sweep applie
 transport problem solved to optimality, warm-started from its last basis) and records the maximising actions and
 optimal couplings; the evaluation step then solves the linear system those choices define (Gauss-Seidel), which
 jumps close to the fixed point in a few rounds at any gamma. Switching actions and couplings together can cycle,
-so a candidate is kept only if its residual beats what a plain sweep guarantees (gamma times the last residual);
-otherwise the plain sweep's result is taken. Every result is certified by a final exact sweep. With residual
-res = ||F~ - d|| of the computed F~, and e >= ||F~ - F(d)|| (gamma times the largest duality gap of a transport
-problem the simplex left at its pivot limit; 0 when every one was solved), F~ lies within
-(gamma * res + e) / (1 - gamma) of the fixed point in the sup norm: ||F~ - d*|| <= e + gamma ||d - d*|| and
-||d - d*|| <= (res + e) / (1 - gamma). That bound is returned; it is <= tol unless the result says otherwise.
+so a candidate is kept only if its residual beats what a plain sweep guarantees (gamma times the last residual)
+or it is provably no farther from the fixed point than the plain sweep; otherwise the plain sweep's result is
+taken. The sweeps themselves are `dtsync.metric.bellman`'s (pruned, with the proof of the pruning there), the
+transport problems `dtsync.metric.transport`'s, the evaluation `dtsync.metric.evaluation`'s.
+
+Every result is certified by a final exact sweep. With residual res = ||F~ - d|| of the computed F~, and
+e >= ||F~ - F(d)|| (gamma times the largest duality gap of a transport problem the simplex left at its pivot
+limit; 0 when every one was solved), F~ lies within (gamma * res + e) / (1 - gamma) of the fixed point in the sup
+norm: ||F~ - d*|| <= e + gamma ||d - d*|| and ||d - d*|| <= (res + e) / (1 - gamma). That bound is returned; it
+is <= tol unless the result says otherwise.
 
 Missing data (documented rule): a state-action with no samples in one window makes the term of that action unknown
 for every pair it touches. The *lower* (optimistic) metric skips unknown terms; the *upper* (pessimistic) metric
