@@ -28,6 +28,7 @@ queued when the publisher is closed after its timeout is counted in `stats.aband
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import secrets
 import threading
@@ -46,6 +47,7 @@ from dtsync.daemon.topics import REAL, Topics
 
 __all__ = ["AsyncPublisher", "Publisher", "PublisherError", "PublisherStats"]
 
+_EXIT_FLUSH_SECONDS = 2.0  # at interpreter exit, for a Publisher never closed
 _IDLE_POLL = 0.25  # seconds between checks of a sender with nothing to do (closing, linger deadlines)
 
 
@@ -344,6 +346,7 @@ class Publisher:
         self._thread.start()
         self._call(self._async.start(), None)
         self._closed = False
+        atexit.register(self.close, _EXIT_FLUSH_SECONDS)  # a forgotten close() still delivers what is queued
 
     @property
     def stats(self) -> PublisherStats:
@@ -374,6 +377,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         try:
             self._call(self._async.aclose(timeout), None)
         finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -163,6 +165,27 @@ def test_async_put_waits_for_room_instead_of_dropping(broker: Mosquitto) -> None
         assert asyncio.run(asyncio.wait_for(main(), 60)) == (1000, 0)  # a deadlock fails instead of hanging
         wait_for(lambda: len(received(sub, "/twin/twin-x")) == 1000, 10, "1000 transitions")
         assert [tr.seq for tr in received(sub, "/twin/twin-x")] == list(range(1000))
+    finally:
+        sub.close()
+
+
+def test_a_publisher_never_closed_still_delivers_at_exit(broker: Mosquitto, tmp_path: Path) -> None:
+    script = tmp_path / "forgetful.py"
+    script.write_text(
+        "import sys\n"
+        "from dtsync.client import Publisher\n"
+        "from dtsync.contract import Transition\n"
+        "pub = Publisher('cell-9', host='127.0.0.1', port=int(sys.argv[1]), batch=1000, linger=None)\n"
+        "pub.wait_connected(10)\n"
+        "for i in range(500):\n"
+        "    pub.send(Transition(i, 0, 0.0, i + 1, seq=i))\n"  # a partial batch, and no close(): exit now
+    )
+    sub = Subscriber(broker.port, ["dtsync/cell-9/#"])
+    try:
+        out = subprocess.run([sys.executable, str(script), str(broker.port)], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: len(received(sub, "/real")) == 500, 10, "the 500 transitions")
     finally:
         sub.close()
 

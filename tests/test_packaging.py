@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-LOCAL = {"dtsync", "mqtt_harness", "test_deploy_grafana", "test_deploy_prometheus", "conftest"}
+LOCAL = {"dtsync"} | {p.stem for p in (ROOT / "tests").glob("*.py")}  # the tests import each other's helpers
 
 
 def declared(*extras: str) -> dict[str, Requirement]:
