@@ -97,7 +97,7 @@ class Daemon:
             saved = state.read(self.state_path)
             if saved is None:
                 return
-            clocks, last_events = state.apply(saved, self.monitors, self.delivery.pending_for())
+            clocks, last_events = state.apply(saved, self.monitors, self.delivery.pending_by_twin())
         except Exception as e:  # whatever is wrong with the file, start fresh rather than crash-loop
             log.error("state snapshot not restored; starting fresh", path=str(self.state_path), error=repr(e))
             return
