@@ -45,7 +45,7 @@ class Delivery:
         self.metrics.outbox_pending.set(len(outbox))
 
     def add(self, event: PendingEvent) -> None:
-        """Persist a new event (durable before this returns), then start sending it."""
+        """Persist a new event (durable before this returns); `send` publishes it."""
         self.outbox.add(event)
         self.metrics.outbox_pending.set(len(self.outbox))
 
