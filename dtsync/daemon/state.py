@@ -13,9 +13,10 @@ the payload being msgpack of :class:`DaemonState`. Writing is crash-safe: the ne
 kept), the temporary file is renamed over ``<file>``, and the directory is fsynced. Reading checks the magic,
 version, length and checksum, decodes into typed structures and checks every index against its label table;
 a file failing any check is ignored and ``.prev`` is tried, then a fresh start — never a crash, so a bad file
-cannot cause a crash loop. A restore keeps only the labels some window still holds (renumbered). What a crash can lose: the telemetry received since the last snapshot
-(``daemon.snapshot_seconds``, default 30 s) and evaluations made meanwhile; never an event (the outbox has
-those, and triggers are reconciled with it on restore).
+cannot cause a crash loop. A restore keeps only the labels some window still holds (renumbered). What a
+crash can lose: the telemetry received since the last snapshot (``daemon.snapshot_seconds``, default 30 s)
+and evaluations made meanwhile; never an event (the outbox has those, and triggers are reconciled with it on
+restore).
 """
 
 from __future__ import annotations
