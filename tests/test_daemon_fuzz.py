@@ -3,7 +3,8 @@
 Hypothesis generates thousands of payloads (valid transitions, near misses in every field, arbitrary JSON,
 raw bytes); each goes through the daemon's real `Ingest.handle` with real metrics, and every due twin is
 snapshotted (the windows' counts turned into MDP arrays), exactly as the live loop does short of the metric.
-Nothing may raise, and nothing may vanish: each payload is accepted, rejected with a reason, or both.
+Nothing may raise, and nothing may vanish: each payload is accepted, rejected with a reason, or both; and
+whatever got into the windows survives a state snapshot and its restore.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import json
 import math
 import time
 import tracemalloc
+import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from dtsync.config import parse_config
+from dtsync.daemon import state
 from dtsync.daemon.ingest import REJECT_REASONS_ALL, Ingest
 from dtsync.daemon.metrics import DaemonMetrics
 from dtsync.daemon.topics import Topics
@@ -93,6 +96,11 @@ def test_any_payload_is_accepted_or_rejected_never_raises(topic: str, payload: b
     assert accepted <= CONFIG.mqtt.max_batch
     assert len(MONITOR.real) <= 200 and len(MONITOR.twins["t"].window) <= 200
     assert len(MONITOR.encoding.states) <= 64 and len(MONITOR.encoding.actions) <= 8
+    # whatever got in survives a state snapshot and its restore
+    saved = state.decode(state.encode(state.capture(uuid.UUID(int=1), {"c": MONITOR}, {}, {})))
+    fresh = CellMonitor("c", CONFIG)
+    state.apply(saved, {"c": fresh}, {})
+    assert len(fresh.real) == len(MONITOR.real) and len(fresh.twins["t"].window) == len(MONITOR.twins["t"].window)
 
 
 def test_a_flood_of_unknown_twin_topics_adds_no_series_and_little_memory() -> None:

@@ -44,7 +44,7 @@ def test_round_trip_restores_windows_labels_triggers_and_makes_twins_due() -> No
     assert fresh.encoding.states.labels == mon.encoding.states.labels  # tuples come back as tuples
     assert fresh.encoding.actions.labels == mon.encoding.actions.labels
     for w0, w1 in [(mon.real, fresh.real)] + [(mon.twins[t].window, fresh.twins[t].window) for t in "ab"]:
-        assert all(np.array_equal(x, y) for x, y in zip(w0.columns(), w1.columns(), strict=True))
+        assert labelled(mon, w0) == labelled(fresh, w1)
         assert w0.arrivals == w1.arrivals
         S, A = len(mon.encoding.states), len(mon.encoding.actions)
         assert np.array_equal(w0.halves(S, A)[0].P, w1.halves(S, A)[0].P)  # same halves: same noise floor
@@ -53,6 +53,32 @@ def test_round_trip_restores_windows_labels_triggers_and_makes_twins_due() -> No
     assert fresh.event_namespace == ns and last == {("c", "a"): "ev-1"}
     assert clocks["c"] >= 80.0
     assert sorted(fresh.due(80.0)) == ["a", "b"]  # judged at once, no window to refill
+
+
+def labelled(mon: CellMonitor, window: object) -> list[tuple[object, ...]]:
+    states, actions = mon.encoding.states.labels, mon.encoding.actions.labels
+    return [(states[s], actions[a], r, states[sn], t) for s, a, r, sn, t in window]  # type: ignore[attr-defined]
+
+
+def test_labels_no_window_holds_are_dropped_on_restore() -> None:
+    """A flood of junk labels that filled the cell's table is gone after a restart once the windows moved on."""
+    config = parse_config({"window": {"count": 50}, "max_states": 40, "schedule": {"every_transitions": 100},
+                           "cells": {"c": {"twins": {"a": {}}}}})  # fmt: skip
+    mon = CellMonitor("c", config)
+
+    def good(t: float) -> str | None:
+        return mon.add("real", Transition(s=int(t) % 3, a=1, r=1.0, s_next=int(t + 1) % 3), t)
+
+    assert [good(float(i)) for i in range(10)] == [None] * 10
+    refused = [mon.add("real", Transition(s=f"junk{i}", a=0, r=0.0, s_next=f"junk{i}x"), 10.0 + i) for i in range(30)]
+    assert refused.count("too_many_labels") > 0 and len(mon.encoding.states) == 40  # the table is full
+    assert [good(40.0 + i) for i in range(60)] == [None] * 60  # known labels still flow; the junk leaves the window
+    assert mon.add("real", Transition(s="new", a=1, r=1.0, s_next=0), 99.0) == "too_many_labels"
+    fresh = CellMonitor("c", config)
+    state.apply(state.decode(state.encode(state.capture(uuid.uuid4(), {"c": mon}, {}, {}))), {"c": fresh}, {})
+    assert fresh.encoding.states.labels == [0, 1, 2] and fresh.encoding.actions.labels == [1]
+    assert labelled(fresh, fresh.real) == labelled(mon, mon.real)
+    assert fresh.add("real", Transition(s="new", a=1, r=1.0, s_next=0), 100.0) is None
 
 
 def test_an_event_still_in_the_outbox_counts_as_fired_after_restore() -> None:

@@ -28,6 +28,7 @@ log = structlog.get_logger("dtsync.daemon")
 
 PUBLISH_TIMEOUT = 10.0
 RETRY_SECONDS = 5.0
+CONCURRENT_SENDS = 16  # below paho's in-flight window (20), so a long backlog does not time out in its queue
 
 
 class Delivery:
@@ -40,10 +41,11 @@ class Delivery:
         self._client = client
         self._settings = settings
         self._in_flight: dict[str, Client] = {}  # event id -> the client it is being published on
+        self._slots = asyncio.Semaphore(CONCURRENT_SENDS)
         self.metrics.outbox_pending.set(len(outbox))
 
     def add(self, event: PendingEvent) -> None:
-        """Persist a new event (durable before this returns), then start sending it."""
+        """Persist a new event (durable before this returns); `send` publishes it."""
         self.outbox.add(event)
         self.metrics.outbox_pending.set(len(self.outbox))
 
@@ -75,10 +77,15 @@ class Delivery:
             self.metrics.outbox_pending.set(len(self.outbox))
 
     async def flush(self) -> None:
-        """Try every pending event, oldest first, concurrently (one slow PUBACK does not hold the rest)."""
+        """Try every pending event, oldest first, a few at a time (one slow PUBACK does not hold the rest)."""
         if self._client() is None:
             return
-        await asyncio.gather(*(self.send(event) for event in self.outbox.pending()))
+
+        async def send(event: PendingEvent) -> None:
+            async with self._slots:
+                await self.send(event)
+
+        await asyncio.gather(*(send(event) for event in self.outbox.pending()))
 
     async def retry_forever(self) -> None:
         """Every RETRY_SECONDS: try what is still pending (a no-op while disconnected or when empty)."""
@@ -87,7 +94,7 @@ class Delivery:
             if len(self.outbox):
                 await self.flush()
 
-    def pending_for(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    def pending_by_twin(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Pending events by (cell, twin), decoded: what a restored trigger must not fire again."""
         found: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for event in self.outbox.pending():

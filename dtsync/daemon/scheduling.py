@@ -4,7 +4,9 @@ At most one computation is in flight per twin (`CellMonitor.hold`); a twin that 
 picked up by the next transition or tick after its computation lands. Whatever happens to a computation —
 it lands, raises, its worker dies (the pool replaces the worker), or the submit itself fails — the twin is
 released, and after a failure it is due again at once, so it is re-evaluated on the next tick instead of
-never. The time of each twin's last evaluation feeds `/healthz`.
+never; after a second failure in a row it waits for its normal schedule (a computation that crashes its worker
+every time then costs one worker restart per period, not one a second). The time of each twin's last
+evaluation feeds `/healthz`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Scheduler:
         self.monitors = monitors
         self.on_report = on_report
         self.last_evaluated: dict[tuple[str, str], float] = {}  # (cell, twin) -> monotonic time
-        self.failures = 0
+        self._failures: dict[tuple[str, str], int] = {}  # consecutive failures per twin
 
     def evaluate(self, monitor: CellMonitor, twin: str, t: float) -> None:
         """Snapshot `twin`'s windows at `t` and compute in its worker; never raises (a failure is logged)."""
@@ -57,12 +59,14 @@ class Scheduler:
         future.add_done_callback(back_on_the_loop)
 
     def _failed(self, monitor: CellMonitor, twin: str, error: BaseException) -> None:
-        self.failures += 1
+        key = (monitor.cell, twin)
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
         monitor.release(twin)
-        if twin in monitor.twins:
+        again = "on the next tick" if failures == 1 else "on its schedule"
+        if failures == 1 and twin in monitor.twins:
             monitor.retry(twin)
-        log.error("metric computation failed; the twin is evaluated again on the next tick", cell=monitor.cell,
-                  twin=twin, error=repr(error))  # fmt: skip
+        log.error(f"metric computation failed; the twin is evaluated again {again}", cell=monitor.cell,
+                  twin=twin, failures_in_a_row=failures, error=repr(error))  # fmt: skip
 
     def _computed(self, monitor: CellMonitor, twin: str, snap: Snapshot, future: Future[Figures]) -> None:
         key = (monitor.cell, twin)
@@ -75,6 +79,7 @@ class Scheduler:
             self._failed(monitor, twin, error)
             return
         monitor.release(twin)
+        self._failures.pop(key, None)
         every = monitor.config.schedule.every_transitions
         tm = monitor.twins[twin]
         if every is not None and tm.new_transitions >= every:
@@ -93,3 +98,4 @@ class Scheduler:
 
     def forget(self, cell: str, twin: str) -> None:
         self.last_evaluated.pop((cell, twin), None)
+        self._failures.pop((cell, twin), None)

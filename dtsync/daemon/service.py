@@ -97,7 +97,7 @@ class Daemon:
             saved = state.read(self.state_path)
             if saved is None:
                 return
-            clocks, last_events = state.apply(saved, self.monitors, self.delivery.pending_for())
+            clocks, last_events = state.apply(saved, self.monitors, self.delivery.pending_by_twin())
         except Exception as e:  # whatever is wrong with the file, start fresh rather than crash-loop
             log.error("state snapshot not restored; starting fresh", path=str(self.state_path), error=repr(e))
             return
@@ -115,8 +115,8 @@ class Daemon:
         started = time.perf_counter()
         try:
             state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event))
-        except OSError as e:
-            log.error("state snapshot not written", path=str(self.state_path), error=str(e))
+        except Exception as e:  # a full disk, or a bug: the service goes on (the previous snapshot stays)
+            log.error("state snapshot not written", path=str(self.state_path), error=repr(e))
             return
         self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
 

@@ -13,9 +13,10 @@ the payload being msgpack of :class:`DaemonState`. Writing is crash-safe: the ne
 kept), the temporary file is renamed over ``<file>``, and the directory is fsynced. Reading checks the magic,
 version, length and checksum, decodes into typed structures and checks every index against its label table;
 a file failing any check is ignored and ``.prev`` is tried, then a fresh start — never a crash, so a bad file
-cannot cause a crash loop. What a crash can lose: the telemetry received since the last snapshot
-(``daemon.snapshot_seconds``, default 30 s) and evaluations made meanwhile; never an event (the outbox has
-those, and triggers are reconciled with it on restore).
+cannot cause a crash loop. A restore keeps only the labels some window still holds (renumbered). What a
+crash can lose: the telemetry received since the last snapshot (``daemon.snapshot_seconds``, default 30 s)
+and evaluations made meanwhile; never an event (the outbox has those, and triggers are reconciled with it on
+restore).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def read(path: Path) -> DaemonState | None:
     return None
 
 
-Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # s, a, s_next, r, t
 
 
 def _columns(w: WindowState, n_states: int, n_actions: int) -> Columns:
@@ -244,14 +245,27 @@ def apply(state: DaemonState, monitors: dict[str, CellMonitor],
 
 
 def _apply_cell(mon: CellMonitor, saved: CellState) -> None:
+    """Restore one cell. Labels no window holds any more are dropped and the rest renumbered in first-seen
+    order (the workers start cold after a restart, so no warm start depends on the old numbers): a flood of
+    junk labels that filled the cell's table is gone once it has left the windows, after one restart."""
     states = [_as_label(x) for x in saved.states]
     n_s, n_a = len(states), len(saved.actions)
-    real = _columns(saved.real, n_s, n_a)
-    twins = {name: _columns(t.window, n_s, n_a) for name, t in saved.twins.items() if name in mon.twins}
-    mon.encoding.states.restore(states)
-    mon.encoding.actions.restore(saved.actions)
-    mon.real.restore(*real, saved.real.arrivals, saved.real.now)
-    for name, cols in twins.items():
+    windows = {"": _columns(saved.real, n_s, n_a)}
+    windows.update({name: _columns(t.window, n_s, n_a) for name, t in saved.twins.items() if name in mon.twins})
+    used_s = np.zeros(n_s, dtype=bool)
+    used_a = np.zeros(n_a, dtype=bool)
+    for s, a, sn, _, _ in windows.values():
+        used_s[s] = used_s[sn] = True
+        used_a[a] = True
+    new_s = np.cumsum(used_s) - 1
+    new_a = np.cumsum(used_a) - 1
+    mon.encoding.states.restore([x for x, keep in zip(states, used_s, strict=True) if keep])
+    mon.encoding.actions.restore([x for x, keep in zip(saved.actions, used_a, strict=True) if keep])
+    for name, (s, a, sn, r, t) in windows.items():
+        cols = (new_s[s], new_a[a], new_s[sn], r, t)
+        if name == "":
+            mon.real.restore(*cols, saved.real.arrivals, saved.real.now)
+            continue
         tm, twin = mon.twins[name], saved.twins[name]
         tm.window.restore(*cols, twin.window.arrivals, twin.window.now)
         tm.trigger.restore(twin.armed, twin.last_fired_t)
