@@ -20,6 +20,7 @@ system-deps:
 
 test: system-deps $(STAMP)
 	$(BIN)/ruff check dtsync tests benchmarks deploy
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # The main job: a broker (mosquitto if installed, else embedded), the testbed as a real network and two

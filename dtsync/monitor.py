@@ -431,7 +431,7 @@ class CellMonitor:
         s, a, sn, kept, bad = self.encoding.encode_many(transitions)
         rejected.extend(bad)
         r = [transitions[i].r for i in kept]
-        t = [now if transitions[i].t is None else transitions[i].t for i in kept]
+        t = [now if (ti := transitions[i].t) is None else ti for i in kept]
         i, n = 0, len(kept)
         while i < n:
             # Transitions up to the first one that could make a twin due, by count or by time.

@@ -149,7 +149,7 @@ class Connection:
 
     async def _handle_all(self, client: Client) -> None:
         async for message in client.messages:
-            self._on_message(message.topic.value, message.payload)  # type: ignore[arg-type]
+            self._on_message(message.topic.value, message.payload)
 
     async def _goodbye(self, client: Client) -> None:
         """Clean stop: give pending events a short chance, then say offline (the will is not sent)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-import sdnotify  # type: ignore[import-untyped]  # no type information shipped
+import sdnotify
 import structlog
 
 log = structlog.get_logger()

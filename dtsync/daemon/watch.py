@@ -42,7 +42,7 @@ async def watch(
         for topic in (f"{p}/+/twin/+/resync", f"{p}/+/twin/+/status", f"{p}/_daemon/+/status"):
             await client.subscribe(topic, qos=1)
         async for message in client.messages:
-            topic, payload = message.topic.value, bytes(message.payload)  # type: ignore[arg-type]
+            topic, payload = message.topic.value, bytes(message.payload)
             try:
                 kind, line = describe(topic, payload)
             except (ValueError, KeyError, TypeError) as e:

@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,11 @@ import aiomqtt
 import yaml
 
 from dtsync.config import parse_config
-from dtsync.contract import encode_batch
+from dtsync.contract import Transition, encode_batch
 from dtsync.daemon.mqtt import make_client
 from dtsync.daemon.topics import Topics
 from dtsync.demo.broker import BrokerInfo, free_port, local_broker
-from dtsync.testbed import Switch, preset, transitions
+from dtsync.testbed import Switch, TestbedParams, preset, transitions
 
 CELL = "demo-cell"
 TWINS = ("faithful", "stale")
@@ -79,12 +79,15 @@ async def publish_testbed(settings: Any, rate: float, duration: float, started: 
     steps = int(rate * duration) + int(rate)
     topics = Topics(settings.topic_prefix)
     real = preset("real")
-    pace = {"start_time": started, "step_seconds": 1 / rate, "steps": steps}
     stale_from = Switch(int(rate * duration / 2), preset(STALE_PRESET))
+
+    def paced(params: TestbedParams, seed: int, switch: Switch | None = None) -> Iterator[Transition]:
+        return transitions(params, steps=steps, seed=seed, start_time=started, step_seconds=1 / rate, switch=switch)
+
     streams = {
-        topics.real(CELL): transitions(real, seed=1, **pace),
-        topics.twin(CELL, "faithful"): transitions(preset("faithful"), seed=2, **pace),
-        topics.twin(CELL, "stale"): transitions(real, seed=3, switch=stale_from, **pace),
+        topics.real(CELL): paced(real, 1),
+        topics.twin(CELL, "faithful"): paced(preset("faithful"), 2),
+        topics.twin(CELL, "stale"): paced(real, 3, stale_from),
     }
     pending = {topic: next(gen) for topic, gen in streams.items()}
     async with make_client(settings, client_id=f"dtsync-demo-testbed-{os.getpid()}") as client:
@@ -92,7 +95,7 @@ async def publish_testbed(settings: Any, rate: float, duration: float, started: 
             now = time.time()
             for topic in list(pending):
                 batch = []
-                while topic in pending and pending[topic].t is not None and pending[topic].t <= now:
+                while topic in pending and (t := pending[topic].t) is not None and t <= now:
                     batch.append(pending[topic])
                     nxt = next(streams[topic], None)
                     if nxt is None:
@@ -114,7 +117,7 @@ async def watch_twins(settings: Any, views: dict[str, TwinView], on_change: Call
         async for message in client.messages:
             if not message.payload:
                 continue
-            body = json.loads(message.payload)  # type: ignore[arg-type]
+            body = json.loads(message.payload)
             twin = body.get("twin")
             if twin not in views:
                 continue

@@ -73,8 +73,10 @@ def write_samples(
     out_dir.mkdir(parents=True, exist_ok=True)
     half = steps // 2
     first = simulate(R, P, half, rng, step=step)
+    last = first[-1].s_next
+    assert isinstance(last, int)  # simulate labels states by their index
     second = simulate(
-        R, shifted_actions(P), steps - half, rng, start_state=first[-1].s_next, start_time=half * step, step=step
+        R, shifted_actions(P), steps - half, rng, start_state=last, start_time=half * step, step=step
     )
     second = [Transition(tr.s, tr.a, tr.r, tr.s_next, tr.t, half + i) for i, tr in enumerate(second)]
     traces = {

@@ -291,8 +291,8 @@ def selection_table(
     optimal = gaps <= 1e-9
     full_cost = float(gaps.sum())
     orders = {
-        "evaluation": np.lexsort((np.arange(n), [t.mismatch for t in twins])),
-        "reward": np.lexsort((np.arange(n), [-t.training_return for t in twins])),
+        "evaluation": np.lexsort((np.arange(n), np.array([t.mismatch for t in twins]))),
+        "reward": np.lexsort((np.arange(n), np.array([-t.training_return for t in twins]))),
     }
     rng = np.random.default_rng(seed)
     rows = []
@@ -376,7 +376,7 @@ def plot_study(result: StudyResult, path: str | os.PathLike[str], ratio: float =
     x = np.array([t.mismatch for t in twins])
     y = np.array([t.deployed_return for t in twins])
     by_mismatch = np.lexsort((np.arange(len(twins)), x))[:k]
-    by_reward = np.lexsort((np.arange(len(twins)), [-t.training_return for t in twins]))[:k]
+    by_reward = np.lexsort((np.arange(len(twins)), np.array([-t.training_return for t in twins])))[:k]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     ax.scatter(x, y, s=18, c="0.6", label="candidate twins")
