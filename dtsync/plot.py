@@ -68,14 +68,11 @@ def plot_timeline(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[s
         x = [float(r["t"]) - t0 if epoch else float(r["t"]) for r in rs]
         y = [float(r["mismatch"]) for r in rs]
         tops = list(y)
-        for low_key, high_key, label in _INTERVALS:
-            low, high = _column(rs, low_key), _column(rs, high_key)
-            if any(v is not None for v in low) and any(v is not None for v in high):
-                lo = [v if v is not None else m for v, m in zip(low, y, strict=True)]
-                hi = [v if v is not None else m for v, m in zip(high, y, strict=True)]
-                ax.fill_between(x, lo, hi, color="tab:blue", alpha=0.2, lw=0, step="post", label=label)
-                tops += [h for h, m in zip(hi, y, strict=True) if h <= 3 * max(m, 1e-12)]  # a pinned bound: clip
-                break
+        band = _interval(rs, y)
+        if band is not None:
+            lo, hi, label = band
+            ax.fill_between(x, lo, hi, color="tab:blue", alpha=0.2, lw=0, step="post", label=label)
+            tops += [h for h, m in zip(hi, y, strict=True) if h <= 3 * max(m, 1e-12)]  # a pinned bound: clip
         ax.plot(x, y, color="tab:blue", lw=1.4, drawstyle="steps-post", label="mismatch")
         floor, threshold = _column(rs, "noise_floor"), _column(rs, "threshold")
         if _acts_on_excess(rs):  # the rule compares mismatch - noise floor with the threshold: draw where that is
@@ -120,17 +117,14 @@ def plot_ranking(records: Sequence[Mapping[str, Any]], out: str | os.PathLike[st
     pos = list(range(len(rs)))
     ax.bar(pos, y, color="tab:blue", alpha=0.75, label="mismatch")
     tops = list(y)
-    for low_key, high_key, label in _INTERVALS:
-        low, high = _column(rs, low_key), _column(rs, high_key)
-        if any(v is not None for v in low) and any(v is not None for v in high):
-            # Drawn from its own ends, not as error bars around the bar: a bias-corrected interval may lie wholly
-            # below the (upward-biased) point figure.
-            lo = [v if v is not None else m for v, m in zip(low, y, strict=True)]
-            hi = [v if v is not None else m for v, m in zip(high, y, strict=True)]
-            ax.vlines(pos, lo, hi, color="k", lw=1.2, label=label)
-            ax.scatter(pos + pos, lo + hi, marker="_", s=120, color="k", zorder=3)
-            tops += [h for m, h in zip(y, hi, strict=True) if h <= 3 * max(m, 1e-12)]
-            break
+    band = _interval(rs, y)
+    if band is not None:
+        # Drawn from its own ends, not as error bars around the bar: a bias-corrected interval may lie wholly
+        # below the (upward-biased) point figure.
+        lo, hi, label = band
+        ax.vlines(pos, lo, hi, color="k", lw=1.2, label=label)
+        ax.scatter(pos + pos, lo + hi, marker="_", s=120, color="k", zorder=3)
+        tops += [h for m, h in zip(y, hi, strict=True) if h <= 3 * max(m, 1e-12)]
     floor = _column(rs, "noise_floor")
     if any(v is not None for v in floor):
         ax.scatter(pos, [math.nan if v is None else v for v in floor], marker="_", s=400, color="tab:green",
@@ -150,6 +144,17 @@ def plot_ranking(records: Sequence[Mapping[str, Any]], out: str | os.PathLike[st
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out, dpi)
+
+
+def _interval(rs: Sequence[Mapping[str, Any]], y: list[float]) -> tuple[list[float], list[float], str] | None:
+    """(low, high, legend) of the first interval the records carry (missing ends fall back on the point)."""
+    for low_key, high_key, label in _INTERVALS:
+        low, high = _column(rs, low_key), _column(rs, high_key)
+        if any(v is not None for v in low) and any(v is not None for v in high):
+            lo = [v if v is not None else m for v, m in zip(low, y, strict=True)]
+            hi = [v if v is not None else m for v, m in zip(high, y, strict=True)]
+            return lo, hi, label
+    return None
 
 
 def _acts_on_excess(records: Sequence[Mapping[str, Any]]) -> bool:
