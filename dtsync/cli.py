@@ -368,6 +368,8 @@ def publish(
     rate: Annotated[float, typer.Option(help="Transitions per second over all streams; 0 = as fast as possible.")] = 0,
     batch: Annotated[int, typer.Option(help="Transitions per message (JSON array when > 1).")] = 1,
     qos: Annotated[int, typer.Option(help="MQTT QoS of the telemetry messages.")] = 0,
+    keep_time: Annotated[bool, typer.Option("--keep-time", help="Send the recorded t instead of the time of "
+                                            "sending (the daemon then needs max_clock_skew_seconds: null).")] = False,
 ) -> None:
     """Publish recorded JSONL traces as live telemetry (a load generator; a way to feed recorded data)."""
     import asyncio
@@ -386,7 +388,8 @@ def publish(
         _fail("--batch must be >= 1, --qos 0, 1 or 2, --rate >= 0")
     settings = _mqtt_settings(config, host, port)
     try:
-        result = asyncio.run(publish_traces(settings, cell, streams, rate=rate, batch=batch, qos=qos))
+        result = asyncio.run(publish_traces(settings, cell, streams, rate=rate, batch=batch, qos=qos,
+                                            keep_time=keep_time))
     except aiomqtt.MqttError as e:
         _fail(f"broker {settings.host}:{settings.port}: {e}")
     total = sum(result.transitions.values())

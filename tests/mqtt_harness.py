@@ -218,9 +218,11 @@ def daemon_config(port: int, workdir: Path, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def publish_cli(port: int, cell: str, streams: dict[str, Path], *args: str) -> str:
-    """Run `dtsync publish` (the real command) and return its output."""
+def publish_cli(port: int, cell: str, streams: dict[str, Path], *args: str, keep_time: bool = True) -> str:
+    """Run `dtsync publish` (the real command) and return its output; by default the traces keep their own
+    time base, as the tests' daemons expect (see daemon_config)."""
     cmd = [sys.executable, "-m", "dtsync.cli", "publish", "--cell", cell, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--keep-time"] if keep_time else []
     for name, path in streams.items():
         cmd += ["--real", str(path)] if name == "real" else ["--twin", f"{name}={path}"]
     out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)

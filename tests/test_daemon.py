@@ -120,6 +120,25 @@ def test_live_timeline_equals_replay(broker: Mosquitto, samples: dict[str, Path]
         daemon.stop()
 
 
+def test_a_recorded_trace_published_as_is_passes_the_default_clock_check(
+    broker: Mosquitto, samples: dict[str, Path], tmp_path: Path
+) -> None:
+    # The trace's t runs from 0 (1970): sent as recorded, the default check (300 s) would reject every line;
+    # `dtsync publish` stamps the time of sending instead unless --keep-time.
+    config = daemon_config(broker.port, tmp_path, daemon={"max_clock_skew_seconds": 300})
+    daemon = DaemonProcess(tmp_path, config)
+    try:
+        daemon.wait_connected()
+        publish_cli(broker.port, "cell-1", {"real": samples["real"]}, "--batch", "100", keep_time=False)
+        wait_for(lambda: daemon.metric("dtsync_transitions_received_total", cell="cell-1", stream="real") == 20_000,
+                 60, "every transition of the trace kept")  # fmt: skip
+        assert not daemon.metric("dtsync_rejected_total", reason="clock_skew")
+        publish_cli(broker.port, "cell-1", {"real": samples["real"]}, "--batch", "100")  # --keep-time: refused
+        wait_for(lambda: daemon.metric("dtsync_rejected_total", reason="clock_skew") == 20_000, 60, "clock_skew")
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_status_and_liveness_topics(broker: Mosquitto, tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path, daemon_config(broker.port, tmp_path))
     daemon.wait_connected()

@@ -3,6 +3,8 @@
 A load generator and a way to feed recorded data to a running daemon. Streams are interleaved in trace-time
 order exactly as `dtsync replay` reads them, so publishing a trace to a daemon and replaying it offline feed
 the windows in the same order. Invalid lines are skipped and counted (the daemon would reject them anyway).
+A recorded `t` is replaced by the time of sending unless asked to keep it: the daemon rejects a `t` further than
+`daemon.max_clock_skew_seconds` from its receive clock, and a recorded trace's clock is not today's.
 Sending is dtsync.client's publisher, with back-pressure (a recorded trace is never dropped) and only full
 batches but the last of each stream.
 """
@@ -15,6 +17,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from dtsync.client import AsyncPublisher, PublisherError
 from dtsync.config import MqttSettings
@@ -42,9 +46,18 @@ async def publish_traces(
     rate: float = 0.0,
     batch: int = 1,
     qos: int = 0,
+    keep_time: bool = False,
 ) -> PublishResult:
-    """Publish `streams` (``real`` and twin names -> JSONL files) to `cell`'s topics, in trace-time order."""
-    return await publish_items(settings, cell, ((name, item) for _, name, item in merged(streams)),
+    """Publish `streams` (``real`` and twin names -> JSONL files) to `cell`'s topics, in trace-time order.
+
+    Each transition is stamped with the time it is sent (what a live producer would stamp), unless
+    `keep_time`: then its recorded `t` goes out unchanged (for a daemon run with ``max_clock_skew_seconds: null``,
+    e.g. to compare a live run with a replay of the same trace)."""
+
+    def stamped(item: Transition | Rejection) -> Transition | Rejection:
+        return item if keep_time or isinstance(item, Rejection) else msgspec.structs.replace(item, t=time.time())
+
+    return await publish_items(settings, cell, ((name, stamped(item)) for _, name, item in merged(streams)),
                                rate=rate, batch=batch, qos=qos)  # fmt: skip
 
 
