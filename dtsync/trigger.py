@@ -8,9 +8,9 @@ telemetry fires exactly as the live daemon did.
 The default rule, ``act_on: evidence``, fires on evidence rather than on a figure: the *lower end* of the
 mismatch's bootstrap interval must reach ``threshold`` **and** the permutation test must reject "the twin is
 exchangeable with the real network" at level ``alpha`` (default 0.01; see :mod:`dtsync.metric.evidence`). The
-lower end of a two-sided interval at level 1 - 2 alpha is a one-sided 1 - alpha confidence bound, so a twin whose
-true mismatch is below the threshold fires with probability at most about alpha per look, and far less when its
-true mismatch is well below (identical twins). Re-arming needs the evidence gone: the lower end below
+lower end of a two-sided interval at level 1 - 2 alpha is nominally a one-sided 1 - alpha confidence bound (its
+measured coverage is in the README, "Noise floor"), and the test's level is exact, so a twin alike the real
+network fires only when both err at once. Re-arming needs the evidence gone: the lower end below
 ``rearm_below``, or the test no longer significant. The other ``act_on`` choices (``point``, ``lower``,
 ``upper``, ``excess``) compare one figure with the threshold, as before.
 

@@ -22,8 +22,8 @@ so the max is not decided by the thinly sampled state-actions, and a change in a
 The p-value (1 + #{T_b >= T}) / (1 + B) has exact level for any statistic.
 
 *Cost*: one multivariate hypergeometric call per shared state-action for all B resamples (about 60 us at B=199),
-then O(B * sum of pooled supports) array work; no metric solve. About 25 ms at 72 states x 6 actions, 0.25 s at
-256 x 16 (measured by ``benchmarks/bench_detection.py``).
+then O(B * sum of pooled supports) array work; no metric solve. Measured (``benchmarks/bench_detection.py``,
+process CPU): 45 ms at 72 states x 6 actions, 0.74 s at 256 x 16.
 
 **Bootstrap interval** (:func:`bootstrap_interval`): how large is the mismatch? Each resample redraws both
 windows from their own empirical MDPs (a parametric bootstrap on counts: multinomial next states, normal mean
@@ -33,10 +33,11 @@ plain percentile bootstrap fails here, as measured: the empirical mismatch of tw
 excludes the truth almost always. The interval is therefore bias-corrected by extrapolation to zero noise
 (SIMEX: Cook and Stefanski, JASA 89, 1994): the observed figure carries noise of scale sqrt(1/n), a resample of
 m = fraction * n transitions per state-action (m-out-of-n when fraction < 1; Bickel, Goetze, van Zwet,
-Statistica Sinica 7, 1997) carries sqrt(1/n + 1/m), and a mismatch that grows linearly with the noise scale is
-extrapolated back to scale 0; the half-width is a normal quantile times the resamples' spread, inflated for the
-correction's own noise. Nominal two-sided coverage ``level``; the coverage actually achieved is measured by
-``benchmarks/bench_detection.py`` (see the README, "Noise floor"). *Cost*: B metric solves (B = 20 by default).
+Statistica Sinica 7, 1997) carries sqrt(1/n + 1/m), and a mismatch that grows as a power of the noise variance
+(NOISE_EXPONENT) is extrapolated back to no noise; the half-width is a normal quantile times the resamples'
+spread, inflated for the correction's own noise. Nominal two-sided coverage ``level``; the coverage actually
+achieved is measured by ``benchmarks/bench_detection.py`` and falls short of nominal with fewer than about 100
+transitions per state-action (README, "Noise floor"). *Cost*: B metric solves (B = 20 by default).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ import numpy as np
 
 # The growth of the empirical mismatch with the noise level, E[T] - theta ~ (noise variance)^NOISE_EXPONENT, and
 # the share of T's variance the data-driven correction adds per unit k^2. 0.5 would be a max of pure Gaussian
-# noise; fitted on random 8-state MDPs (seed 0, windows 1,000-5,000, identical / reward-biased / flipped pairs), which
-# gave 0.35-0.4 and 0.15 (the multinomial resamples cannot add mass where a window saw none). The coverage this
-# gives elsewhere is measured by benchmarks/bench_detection.py on other MDPs and the testbed.
+# noise; fitted by hand on one random 8-state, 2-action MDP (windows 1,000-5,000; identical, reward-biased and
+# flipped pairs), which gave 0.35-0.4 and 0.15 (the multinomial resamples cannot add mass where a window saw
+# none). The coverage this gives elsewhere is measured by benchmarks/bench_detection.py.
 NOISE_EXPONENT = 0.4
 CORRECTION_NOISE = 0.15
 
