@@ -135,8 +135,9 @@ from tests.test_daemon_state import fed_monitor
 from dtsync.daemon import state
 path = Path(sys.argv[1])
 states = [state.capture(uuid.UUID(int=k), {"c": fed_monitor(k, 200 + 50 * k)}, {}, {}) for k in range(3)]
+state.write(path, states[0])  # one complete snapshot first: the claim is that a good one *remains*
 print("ready", flush=True)
-k = 0
+k = 1
 while True:
     state.write(path, states[k % 3])
     k += 1
