@@ -131,7 +131,6 @@ def run_stream(
     threshold: float = THRESHOLD,
     after: tuple[np.ndarray, np.ndarray] | None = None,
     change_at: int | None = None,
-    stop_on_fire: bool = False,
     river_steps: int = 0,
     noise: float = REWARD_NOISE,
 ) -> StreamResult:
@@ -168,8 +167,6 @@ def run_stream(
             fired["evidence"].append(twin_chain.steps)
         if excess.update(evaluation(t, report.figures)).fired:
             fired["excess"].append(twin_chain.steps)
-        if stop_on_fire and fired["evidence"] and fired["excess"] and all(river.values()):
-            break
     fed = min(river_steps, max(0, twin_chain.steps - river_start))
     return StreamResult(k + 1, fired, river, twin_chain.steps, fed, time.process_time() - started)
 
