@@ -41,7 +41,7 @@ bench-daemon: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py
 
 # Ten minutes of 5,000 transitions/s with a broker restart every 20 s: RSS, descriptors, events raised vs
-# delivered (a 60 s version runs in `make test`: tests/test_daemon_soak.py).
+# delivered (`make soak SOAK_SECONDS=60` for the short version; the suite runs the daemon-SIGKILL soak).
 soak: system-deps $(STAMP)
 	$(BIN)/python benchmarks/soak.py --seconds $${SOAK_SECONDS:-600} --check
 
