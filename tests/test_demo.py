@@ -19,9 +19,13 @@ def test_demo_flags_the_stale_twin_within_a_window_and_never_the_faithful_one() 
     assert "faithful: 0 resync event(s)" in text, text[-3000:]
     stale = re.search(r"stale: (\d+) resync event\(s\); last state (\w+)", text)
     assert stale is not None and int(stale.group(1)) >= 1 and stale.group(2) == "drifted", text[-3000:]
-    # Plain lines, not a live table, when stdout is not a terminal; the event comes after the switch, within one
-    # window length of it, on evidence (the interval's lower end and the test), at the paper's gamma 0.9.
+    # Plain lines, not a live table, when stdout is not a terminal; the event comes after the switch, on evidence
+    # (the interval's lower end and the test), at the paper's gamma 0.9, within one window length of it plus the
+    # time one evaluation cycle takes: an event is stamped when the evaluation that saw the evidence finishes, and
+    # on a loaded 2-core machine a cycle takes ~5 s (CI once printed 45.2 s against a bare 45 s bound).
     fired = re.search(r"\n\s*([\d.]+) s  RESYNC stale: .*\(evidence\)", text)
     assert fired is not None, text[-3000:]
-    assert DURATION / 2 < float(fired.group(1)) <= DURATION / 2 + WINDOW_SECONDS, text[-3000:]
+    judged = [t for t in map(float, re.findall(r"\n\s*([\d.]+) s  stale: ", text)) if t > DURATION / 2]
+    cycle = max(b - a for a, b in zip(judged, judged[1:], strict=False))
+    assert DURATION / 2 < float(fired.group(1)) <= DURATION / 2 + WINDOW_SECONDS + cycle, text[-3000:]
     assert "\x1b[" not in text
