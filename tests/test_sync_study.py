@@ -18,6 +18,7 @@ from dtsync.testbed.sync_study import (
     SyncSetup,
     SyncStudyResult,
     pooled,
+    refit,
     regime,
     regimes,
     run_sync_study,
@@ -65,6 +66,18 @@ def test_the_scored_mismatch_is_the_exact_dtbsm_of_regime_and_fit(one_change: Sy
         assert p.timeline[0] == one_change.triggered.timeline[0]
     drifted = dtbsm(base.R, base.P, changed.R, changed.P, SHORT.gamma).mismatch
     assert abs(one_change.triggered.timeline[1][1] - drifted) < 0.5
+
+
+def test_every_scored_segment_is_solved_for_its_own_regime_and_fit(one_change: SyncStudyResult) -> None:
+    """Recomputed from scratch per segment: a cache keyed by object id once returned the mismatch of a fit
+    that had been freed (its id reused), so periodic schedules scored worse the more often they resynced."""
+    for p in one_change.periodic:
+        for start, m in p.timeline[1:]:
+            regime_now = next(r for r in reversed(one_change.regimes) if r.start <= start)
+            last = max((s for s in p.resyncs if s <= start), default=0)
+            fit = exact_mdp(refit(next(r for r in reversed(one_change.regimes) if r.start <= last), SHORT, last))
+            real = exact_mdp(regime_now.params)
+            assert m == pytest.approx(dtbsm(real.R, real.P, fit.R, fit.P, SHORT.gamma).mismatch, abs=1e-9)
 
 
 def test_regimes_change_at_random_within_the_factor_ranges() -> None:

@@ -46,7 +46,7 @@ from dtsync.config import parse_config
 from dtsync.contract import Transition
 from dtsync.metric import dtbsm
 from dtsync.monitor import REAL, CellMonitor
-from dtsync.testbed.model import exact_mdp
+from dtsync.testbed.model import TestbedMDP, exact_mdp
 from dtsync.testbed.params import TestbedParams, parse_params
 from dtsync.testbed.presets import preset
 from dtsync.testbed.simulate import transitions
@@ -63,6 +63,7 @@ __all__ = [
     "plot_sync_study",
     "pooled",
     "regime",
+    "refit",
     "regimes",
     "run_seeds",
     "run_sync_study",
@@ -246,17 +247,23 @@ def pooled(results: list[SyncStudyResult]) -> tuple[PooledRow, list[PooledRow], 
 
 
 class _Exact:
-    """Exact DT-BSM of (regime, fit) pairs, each solved once."""
+    """Exact DT-BSM of (regime, fit) pairs, each solved once. Keyed by identity, so the cache holds the
+    parameter objects too: an id is only unique while its object lives."""
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
-        self._mdps: dict[int, Any] = {}
+        self._mdps: dict[int, tuple[TestbedParams, TestbedMDP]] = {}
         self._pairs: dict[tuple[int, int], float] = {}
+
+    def _mdp(self, params: TestbedParams) -> TestbedMDP:
+        if id(params) not in self._mdps:
+            self._mdps[id(params)] = (params, exact_mdp(params))
+        return self._mdps[id(params)][1]
 
     def mismatch(self, real: TestbedParams, twin: TestbedParams) -> float:
         key = (id(real), id(twin))
         if key not in self._pairs:
-            a, b = (self._mdps.setdefault(id(p), exact_mdp(p)) for p in (real, twin))
+            a, b = self._mdp(real), self._mdp(twin)
             self._pairs[key] = dtbsm(a.R, a.P, b.R, b.P, self.gamma).mismatch
         return self._pairs[key]
 
@@ -277,7 +284,7 @@ def _score(policy: str, period: int | None, resyncs: list[int], fits: list[Testb
     return PolicyResult(policy, period, resyncs, total / setup.steps, above / setup.steps, timeline)
 
 
-def _fit(regime: Regime, setup: SyncSetup, k: int) -> TestbedParams:
+def refit(regime: Regime, setup: SyncSetup, k: int) -> TestbedParams:
     """The twin refitted at step k (seeded by the regime and k: policies that refit at the same step get the
     same twin)."""
     return fitted(regime.params, setup.fit_samples, np.random.default_rng([setup.seed, regime.start, k]))
@@ -290,7 +297,7 @@ def _regime_at(regs: list[Regime], step: int) -> Regime:
 def _periodic(period: int, regs: list[Regime], first: TestbedParams, setup: SyncSetup,
               exact: _Exact) -> PolicyResult:  # fmt: skip
     resyncs = list(range(period, setup.steps, period))
-    fits = [first, *(_fit(_regime_at(regs, s), setup, s) for s in resyncs)]
+    fits = [first, *(refit(_regime_at(regs, s), setup, s) for s in resyncs)]
     return _score(f"every {period * setup.step_seconds:g} s", period, resyncs, fits, regs, setup, exact)
 
 
@@ -330,7 +337,7 @@ def _triggered(regs: list[Regime], first: TestbedParams, setup: SyncSetup, exact
         report = monitor.evaluate(_version(version), step * setup.step_seconds)
         if report.fired:
             resyncs.append(step)
-            fits.append(_fit(_regime_at(regs, step), setup, step))
+            fits.append(refit(_regime_at(regs, step), setup, step))
             version += 1
             monitor.reconfigure(parse_config(setup.monitor_config(_version(version))))
             twin = _stream(fits[-1], step, setup.steps - step, seeds[-1] + version, setup.step_seconds)
@@ -352,7 +359,7 @@ def run_sync_study(setup: SyncSetup, base: TestbedParams | None = None, *, chang
     else:
         regs = [Regime(0, "base", 1.0, 1.0, base), *changes]
     exact = _Exact(setup.gamma)
-    first = _fit(regs[0], setup, 0)
+    first = refit(regs[0], setup, 0)
     triggered = _triggered(regs, first, setup, exact, progress)
     periods = sorted({max(1, round(p * setup.window)) for p in setup.periods_windows})
     periodic = [_periodic(p, regs, first, setup, exact) for p in periods]
