@@ -188,7 +188,7 @@ class Daemon:
             log.error("reload failed; the running config stays", error=str(e))
             self.notifier.ready()
             return
-        restart_only = ("mqtt", "metrics", "daemon", "max_states", "max_actions")
+        restart_only = ("mqtt", "metrics", "daemon", "coordination", "max_states", "max_actions")
         fixed = [k for k in restart_only if getattr(new, k) != getattr(self.config, k)]
         if fixed:
             log.warning("reload: these sections change only on restart", sections=fixed)
