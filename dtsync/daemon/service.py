@@ -40,6 +40,7 @@ from dtsync.daemon.mqtt import Client
 from dtsync.daemon.notify import SystemdNotifier
 from dtsync.daemon.outbox import Outbox, PendingEvent
 from dtsync.daemon.scheduling import Scheduler
+from dtsync.daemon.snapshots import CellSnapshots
 from dtsync.daemon.topics import REAL, Topics
 from dtsync.monitor import CellMonitor, Report
 
@@ -85,6 +86,10 @@ class Daemon:
         self.outbox = Outbox(settings.outbox_file())
         self.delivery = Delivery(self.outbox, self.metrics, lambda: self.link.client, config.mqtt)
         self.state_path = settings.state_file()
+        cell_dir = settings.state_directory()
+        self.cell_snapshots = None if cell_dir is None else CellSnapshots(
+            cell_dir, self.state_path, self.monitors, self.ingest, self.board, self.outbox, self.delivery,
+            self.metrics.snapshot_seconds.observe)  # fmt: skip
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
         self._restore()
@@ -93,6 +98,10 @@ class Daemon:
 
     def _restore(self) -> None:
         """Windows, labels, triggers and the event namespace from the last good snapshot, if any."""
+        if self.cell_snapshots is not None:
+            for cell in list(self.monitors):
+                self.cell_snapshots.restore(cell)
+            return
         try:
             saved = state.read(self.state_path)
             if saved is None:
@@ -111,6 +120,9 @@ class Daemon:
 
     def save_state(self) -> None:
         """Write a snapshot now (periodically, after an event is raised, and on a clean stop)."""
+        if self.cell_snapshots is not None:
+            self.cell_snapshots.save()
+            return
         clocks = {cell: self.ingest.stream_time(cell) for cell in self.ingest.clock if cell in self.monitors}
         started = time.perf_counter()
         try:
@@ -193,6 +205,8 @@ class Daemon:
         if fixed:
             log.warning("reload: these sections change only on restart", sections=fixed)
         for cell in [c for c in self.monitors if c not in new.cells]:
+            if self.cell_snapshots is not None:
+                self.cell_snapshots.save([cell])  # its next owner (a reload elsewhere) takes it from here
             for twin in self.monitors.pop(cell).twins:
                 self._forget_twin(cell, twin)
             self.ingest.forget(cell, REAL)
@@ -202,6 +216,8 @@ class Daemon:
             mon = self.monitors.get(cell)
             if mon is None:
                 self.monitors[cell] = CellMonitor(cell, new, self.namespace)
+                if self.cell_snapshots is not None:
+                    self.cell_snapshots.restore(cell)
                 self.metrics.declare(cell, list(new.cells[cell].twins), (), time.time())
                 self._spawn(self.link.subscribe(self.topics.telemetry_filters(cell), subscribe=True))
                 self._publish_initial_status(cell)
@@ -260,8 +276,11 @@ class Daemon:
         assert report.event_id is not None
         event = PendingEvent(report.event_id, self.topics.resync(report.cell, report.twin), _JSON.encode(payload),
                              expires)  # fmt: skip
+        if self.cell_snapshots is not None:  # the cell's snapshot holds the event before the outbox does
+            self.cell_snapshots.save([report.cell], raising=[event])
         self.delivery.add(event)
-        self.save_state()  # the trigger is now disarmed: a restart must not fire this episode again
+        if self.cell_snapshots is None:
+            self.save_state()  # the trigger is now disarmed: a restart must not fire this episode again
         log.warning("resync event", cell=report.cell, twin=report.twin, event_id=report.event_id,
                     mismatch=report.figures.mismatch, reason=report.reason)  # fmt: skip
         self._spawn(self.delivery.send(event))
