@@ -30,6 +30,7 @@ import structlog
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
 from dtsync.daemon import state
+from dtsync.daemon.cluster import Cluster
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.connection import Connection
 from dtsync.daemon.delivery import Delivery
@@ -64,7 +65,9 @@ class Daemon:
         self.instance = settings.instance
         self.topics = Topics(config.mqtt.topic_prefix)
         self.namespace = uuid.uuid4()  # event ids never repeat across restarts
-        self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in config.cells}
+        # Under coordination the cells come from ZooKeeper (cluster.py), one share per instance.
+        owned = config.cells if config.coordination is None else {}
+        self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in owned}
         self.metrics = DaemonMetrics(self.instance)
         started = time.time()
         for cell, monitor in self.monitors.items():
@@ -90,6 +93,7 @@ class Daemon:
         self.cell_snapshots = None if cell_dir is None else CellSnapshots(
             cell_dir, self.state_path, self.monitors, self.ingest, self.board, self.outbox, self.delivery,
             self.metrics.snapshot_seconds.observe)  # fmt: skip
+        self.cluster = None if config.coordination is None else Cluster(self, config.coordination)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
         self._restore()
@@ -164,6 +168,8 @@ class Daemon:
                 background = [group.create_task(coro, name=name) for name, coro in (
                     ("ticker", self._ticker()), ("outbox-retry", self.delivery.retry_forever()),
                     ("liveness", self.link.liveness_forever()), ("snapshots", self._snapshots()))]  # fmt: skip
+                if self.cluster is not None:
+                    background.append(group.create_task(self.cluster.run(), name="cluster"))
                 await connection  # returns once stopped (clean goodbye done)
                 for task in background:
                     task.cancel()
@@ -212,7 +218,7 @@ class Daemon:
             self.ingest.forget(cell, REAL)
             self.metrics.forget_stream(cell, REAL)
             self._spawn(self.link.subscribe(self.topics.telemetry_filters(cell), subscribe=False))
-        for cell in new.cells:
+        for cell in new.cells if self.cluster is None else [c for c in new.cells if c in self.monitors]:
             mon = self.monitors.get(cell)
             if mon is None:
                 self.monitors[cell] = CellMonitor(cell, new, self.namespace)
@@ -233,6 +239,8 @@ class Daemon:
             self.metrics.declare(cell, [t for t in mon.twins if t not in before], (), time.time())
             self._publish_initial_status(cell, skip=before)
         self.config = new
+        if self.cluster is not None:
+            self.cluster.set_cells(list(new.cells))
         self.metrics.schedule_seconds.set(new.schedule.every_seconds or 0)
         log.info("reloaded", cells={c: list(mon.twins) for c, mon in self.monitors.items()})
         self.notifier.ready()
@@ -317,6 +325,7 @@ class Daemon:
             await asyncio.sleep(TICK_SECONDS)
             self.scheduler.tick(self.ingest.stream_time)
             self.metrics.outbox_pending.set(len(self.outbox))
+            self.metrics.owned_cells.set(len(self.monitors))
             restarts = self.pool.replaced - self._restarts_seen
             if restarts:
                 self._restarts_seen += restarts
