@@ -155,3 +155,31 @@ def test_a_corrupt_cell_file_starts_that_cell_fresh_and_keeps_the_others(
     daemons.append(b)
     assert len(b.monitors["c1"].real) == 0 and len(b.monitors["c2"].real) == 200
     assert state.read(cell_file(shared, "c1")) is not None  # rewritten at once: its namespace is on disk
+
+
+def test_a_cell_moved_by_hand_between_two_reloads_keeps_its_windows(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """Without ZooKeeper: remove the cell from one daemon (SIGHUP), then add it to another (SIGHUP)."""
+    import yaml
+
+    shared = str(tmp_path / "cells")
+
+    def config_file(instance: str, cells: list[str]) -> Path:
+        path = tmp_path / f"{instance}.yaml"
+        path.write_text(yaml.safe_dump(_config(tmp_path, instance, cells, state_dir=shared).model_dump(
+            mode="json", exclude_unset=True)))  # fmt: skip
+        return path
+
+    a = Daemon(_config(tmp_path, "a", ["c1", "c2"], state_dir=shared), config_file("a", ["c1", "c2"]))
+    b = Daemon(_config(tmp_path, "b", ["c3"], state_dir=shared), config_file("b", ["c3"]))
+    daemons += [a, b]
+    _feed(a.monitors["c2"], 250, drifted=False)
+
+    async def move() -> None:
+        config_file("a", ["c1"])
+        a.reload()
+        config_file("b", ["c3", "c2"])
+        b.reload()
+
+    asyncio.run(move())
+    assert sorted(a.monitors) == ["c1"] and sorted(b.monitors) == ["c2", "c3"]
+    assert len(b.monitors["c2"].real) == 250
