@@ -63,8 +63,8 @@ def publisher_main(port: int, cells: int, batch: int, rate: float, seconds: floa
         sock.sendall(b"".join(publish_packet(t, encode_batch(streams[n][i : i + 500])) for t, n in topics))
     print("WARM", flush=True)
     sys.stdin.readline()  # the parent says when the windows are full and judged once
-    payloads = {n: [encode_transition(tr) if batch == 1 else encode_batch(trs[i : i + batch])
-                    for i, tr in enumerate(trs[: len(trs) - batch : batch])] for n, trs in streams.items()}  # fmt: skip
+    payloads = {n: [encode_transition(trs[i]) if batch == 1 else encode_batch(trs[i : i + batch])
+                    for i in range(0, len(trs) - batch + 1, batch)] for n, trs in streams.items()}  # fmt: skip
     per_message = batch / rate  # seconds between two messages of one stream
     start = time.monotonic()
     sent = 0
