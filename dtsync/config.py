@@ -3,7 +3,7 @@
 Shape (see the commented example ``config.yaml`` at the repository root): top-level defaults for the metric
 (``gamma``, ``tolerance``, ``reward_range``, ``window``, ``noise_floor``, ``top_states``), the evaluation
 ``schedule``, the ``trigger`` rule, the state ``encoder``, then ``cells`` -> ``twins`` with per-twin
-overrides, and the service sections ``mqtt``, ``metrics`` and ``daemon``.
+overrides, and the service sections ``mqtt``, ``metrics``, ``daemon`` and (optional) ``coordination``.
 
 Per-twin overrides (``gamma``, ``reward_range``, ``window``, ``trigger``) are merged over the top level:
 ``window`` and ``trigger`` key by key (``{threshold: 0.8}`` keeps the inherited ``rearm_below`` etc.), the
@@ -249,6 +249,7 @@ class DaemonSettings(_Section):
     instance: Name = "default"
     outbox_path: Path | None = None
     state_path: Path | None = None
+    state_dir: Path | None = None  # one snapshot file per cell (shared among instances under `coordination`)
     snapshot_seconds: float = Field(default=30.0, gt=0)
     stale_seconds: float = Field(default=60.0, gt=0)
     workers: int | None = Field(default=None, ge=1)
@@ -268,6 +269,10 @@ class DaemonSettings(_Section):
             return Path(os.path.expandvars(str(self.state_path)))
         return self.outbox_file().parent / f"dtsync-state-{self.instance}.snapshot"
 
+    def state_directory(self) -> Path | None:
+        """Where per-cell snapshots go (``state_dir``, variables expanded), or None for one file per daemon."""
+        return None if self.state_dir is None else Path(os.path.expandvars(str(self.state_dir)))
+
     def worker_count(self) -> int:
         """``workers``, else one per core this process may run on (each worker runs numba on one thread)."""
         if self.workers is not None:
@@ -280,6 +285,43 @@ class DaemonSettings(_Section):
 
 def _state_directory() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or ".")
+
+
+_ZK_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?")
+
+
+class ZooKeeperConfig(_Section):
+    """The ensemble the instances share cells through: ``hosts`` is a connection string
+    ("zk1:2181,zk2:2181,zk3:2181"), ``path`` the znode under which they meet (one per fleet), and
+    ``session_timeout`` how long a dead instance keeps its cells before the others take them (the servers
+    clamp it to 2-20 ticks: 4-40 s at the default 2 s tick)."""
+
+    hosts: str
+    path: str = "/dtsync"
+    session_timeout: float = Field(default=10.0, gt=0, le=600)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_list(cls, hosts: str) -> str:
+        for host in hosts.split(","):
+            m = _ZK_HOST_RE.fullmatch(host.strip())
+            if m is None or (m.group(2) is not None and not 0 < int(m.group(2)) < 65536):
+                raise ValueError(f"hosts must be host[:port] separated by commas, got {hosts!r}")
+        return hosts
+
+    @field_validator("path")
+    @classmethod
+    def _znode(cls, path: str) -> str:
+        parts = path.split("/")
+        if not path.startswith("/") or path == "/" or any(p in ("", ".", "..") for p in parts[1:]):
+            raise ValueError(f"path must be an absolute znode path such as /dtsync (no trailing '/'), got {path!r}")
+        return path
+
+
+class CoordinationSettings(_Section):
+    """Cells shared among instances: each instance evaluates the cells the partitioner gives it."""
+
+    zookeeper: ZooKeeperConfig
 
 
 class TwinOverrides(_Section):
@@ -362,6 +404,7 @@ class Config(_MetricFields):
     mqtt: MqttSettings = MqttSettings()
     metrics: MetricsSettings = MetricsSettings()
     daemon: DaemonSettings = DaemonSettings()
+    coordination: CoordinationSettings | None = None
 
     def pairs(self) -> list[tuple[str, str]]:
         """Every (cell, twin) in file order."""
@@ -467,6 +510,9 @@ def parse_config(data: Any, source: str | None = None) -> Config:
     except ValidationError as e:
         raise ConfigError.from_problems(_format_errors(e), source) from None
     problems: list[str] = []
+    if config.coordination is not None and config.daemon.state_dir is None:
+        problems.append("coordination: needs daemon.state_dir, a directory every instance can read (each cell's "
+                        "snapshot waits there for its next owner)")  # fmt: skip
     for cell, twin in config.pairs():
         try:
             config._merged(cell, twin)

@@ -313,6 +313,7 @@ class TwinMonitor:
     new_transitions: int = 0
     last_eval_t: float | None = None
     evaluations: int = 0
+    episodes: int = 0  # drift episodes fired so far (persisted): names the next event
     busy: bool = False  # a computation is in flight (daemon): not due again until it lands
 
     @classmethod
@@ -339,8 +340,9 @@ def _span(reward_range: tuple[float, float] | None) -> float:
 class CellMonitor:
     """The real stream of one cell against each of its twins.
 
-    Event ids are uuid5(event_namespace, cell/twin/t/evaluation number): reproducible for a replay with the
-    default namespace; the daemon passes a fresh namespace per start so that ids never repeat across runs.
+    Event ids are uuid5(event_namespace, cell/twin/episode number): reproducible for a replay with the default
+    namespace; the daemon draws a namespace once and keeps it in its snapshots, so ids never repeat across runs,
+    and an instance that takes a cell over (and its episode count) raises a duplicate under the same id.
     """
 
     def __init__(self, cell: str, config: Config, event_namespace: uuid.UUID = _EVENT_NAMESPACE) -> None:
@@ -510,13 +512,14 @@ class CellMonitor:
                         self.encoding.states.get(TERMINAL))  # fmt: skip
 
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
-        """Apply the trigger rule to a computed evaluation; a fired event gets a unique, reproducible id."""
+        """Apply the trigger rule to a computed evaluation; a fired event gets an id stable for its episode."""
         tm = self.twins[twin]
         decision = tm.trigger.update(evaluation(t, figures))
         tm.evaluations += 1
         event_id = None
         if decision.fired:
-            event_id = str(uuid.uuid5(self.event_namespace, f"{self.cell}/{twin}/{t!r}/{tm.evaluations}"))
+            tm.episodes += 1
+            event_id = str(uuid.uuid5(self.event_namespace, f"{self.cell}/{twin}/episode/{tm.episodes}"))
         return Report(
             t=t,
             cell=self.cell,

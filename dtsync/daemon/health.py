@@ -30,6 +30,8 @@ class StatusBoard:
         self.status: dict[tuple[str, str], dict[str, Any]] = {}
         self.last_event: dict[tuple[str, str], str] = {}
         self.started = time.monotonic()
+        self.since: dict[str, float] = {}  # cell -> when this instance began watching it, if after start
+        self.extra: Callable[[], tuple[bool, dict[str, Any]]] | None = None  # coordination's verdict
 
     def from_report(self, report: Report) -> dict[str, Any]:
         """The retained status after an evaluation (remembered for re-publishing)."""
@@ -56,18 +58,25 @@ class StatusBoard:
         limit = self.stale_seconds
         stale, unevaluated = [], []
         for cell, monitor in list(self.monitors.items()):
+            since = self.since.get(cell, self.started)
             for stream in (REAL, *list(monitor.twins)):
-                if now - self._last_seen.get((cell, stream), self.started) > limit:
+                if now - self._last_seen.get((cell, stream), since) > limit:
                     stale.append(f"{cell}/{stream}")
             for twin in list(monitor.twins):
-                if now - self._last_evaluated.get((cell, twin), self.started) > limit:
+                if now - self._last_evaluated.get((cell, twin), since) > limit:
                     unevaluated.append(f"{cell}/{twin}")
         connected = self._connected()
         ok = connected and not stale and not unevaluated
-        return ok, {"mqtt_connected": connected, "stale_streams": stale, "stale_evaluations": unevaluated}
+        body: dict[str, Any] = {"mqtt_connected": connected, "stale_streams": stale, "stale_evaluations": unevaluated}
+        if self.extra is not None:
+            extra_ok, more = self.extra()
+            ok, body = ok and extra_ok, {**body, **more}
+        return ok, body
 
     def one_line(self, outbox: int) -> str:
         link = "connected" if self._connected() else "broker unreachable"
+        if self.extra is not None and not self.extra()[0]:
+            link += ", zookeeper unreachable"
         twins = ", ".join(
             f"{c}/{t} {s['state']}" + (f" {s['mismatch']:.3g}" if s.get("mismatch") is not None else "")
             for (c, t), s in sorted(self.status.items())

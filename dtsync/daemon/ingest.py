@@ -27,7 +27,7 @@ log = structlog.get_logger("dtsync.daemon")
 
 # Every reason a message or transition can be refused for: the fixed label set of dtsync_rejected_total.
 REJECT_REASONS_ALL = (*REJECT_REASONS, *ENCODING_REASONS, "too_many_labels", "clock_skew", "unknown_stream",
-                      "internal_error")  # fmt: skip
+                      "not_owned", "internal_error")  # fmt: skip
 
 Evaluate = Callable[[CellMonitor, str, float], None]
 
@@ -47,13 +47,15 @@ class Ingest:
         self.last_seen: dict[tuple[str, str], float] = {}  # (cell, stream) -> monotonic time
         self.clock: dict[str, tuple[float, float]] = {}  # cell -> (stream time, monotonic time it was seen)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.elsewhere: frozenset[str] = frozenset()  # configured cells another instance owns (coordination)
 
     def handle(self, topic: str, payload: bytes | bytearray) -> None:
         """One telemetry message: decode, add each transition to its window, evaluate what became due."""
         parsed = self.topics.parse_telemetry(topic)
         monitor = self.monitors.get(parsed[0]) if parsed else None
         if parsed is None or monitor is None or (parsed[1] != REAL and parsed[1] not in monitor.twins):
-            self.reject("unknown_stream", topic=topic)
+            # A cell just given up can still deliver until the unsubscribe lands: its new owner has those.
+            self.reject("not_owned" if parsed and parsed[0] in self.elsewhere else "unknown_stream", topic=topic)
             return
         cell, stream = parsed
         transitions, rejections = decode_payload(

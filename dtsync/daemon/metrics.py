@@ -96,6 +96,14 @@ class DaemonMetrics:
         self.worker_restarts = Counter(
             "dtsync_worker_restarts", "Metric worker processes that died and were replaced.", registry=r
         )
+        self.owned_cells = gauge("dtsync_owned_cells", "Cells this instance evaluates (all configured without "
+                                 "coordination; its share under coordination).", ())  # fmt: skip
+        self.ownership_changes = Counter(
+            "dtsync_ownership_changes", "Cells taken or given up by this instance (coordination).", ["change"],
+            registry=r,
+        )  # fmt: skip
+        self.zookeeper_connected = gauge("dtsync_zookeeper_connected", "1 while connected to ZooKeeper "
+                                         "(coordination only).", ())  # fmt: skip
         Info("dtsync_build", "Version of the running daemon.", registry=r).info(
             {"version": __version__, "daemon_instance": instance}
         )

@@ -69,6 +69,11 @@ class CellOwnership:
         )
 
     @property
+    def connected(self) -> bool:
+        """True while the ZooKeeper session is up (kazoo's public state)."""
+        return bool(self._client.connected)
+
+    @property
     def owned(self) -> Cells:
         """Cells whose locks are held now (empty while connecting or rebalancing)."""
         return self._owned

@@ -30,6 +30,7 @@ import structlog
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
 from dtsync.daemon import state
+from dtsync.daemon.cluster import Cluster
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.connection import Connection
 from dtsync.daemon.delivery import Delivery
@@ -40,6 +41,7 @@ from dtsync.daemon.mqtt import Client
 from dtsync.daemon.notify import SystemdNotifier
 from dtsync.daemon.outbox import Outbox, PendingEvent
 from dtsync.daemon.scheduling import Scheduler
+from dtsync.daemon.snapshots import CellSnapshots
 from dtsync.daemon.topics import REAL, Topics
 from dtsync.monitor import CellMonitor, Report
 
@@ -63,7 +65,9 @@ class Daemon:
         self.instance = settings.instance
         self.topics = Topics(config.mqtt.topic_prefix)
         self.namespace = uuid.uuid4()  # event ids never repeat across restarts
-        self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in config.cells}
+        # Under coordination the cells come from ZooKeeper (cluster.py), one share per instance.
+        owned = config.cells if config.coordination is None else {}
+        self.monitors = {cell: CellMonitor(cell, config, self.namespace) for cell in owned}
         self.metrics = DaemonMetrics(self.instance)
         started = time.time()
         for cell, monitor in self.monitors.items():
@@ -85,6 +89,11 @@ class Daemon:
         self.outbox = Outbox(settings.outbox_file())
         self.delivery = Delivery(self.outbox, self.metrics, lambda: self.link.client, config.mqtt)
         self.state_path = settings.state_file()
+        cell_dir = settings.state_directory()
+        self.cell_snapshots = None if cell_dir is None else CellSnapshots(
+            cell_dir, self.state_path, self.monitors, self.ingest, self.board, self.outbox, self.delivery,
+            self.metrics.snapshot_seconds.observe)  # fmt: skip
+        self.cluster = None if config.coordination is None else Cluster(self, config.coordination)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
         self._restore()
@@ -93,6 +102,10 @@ class Daemon:
 
     def _restore(self) -> None:
         """Windows, labels, triggers and the event namespace from the last good snapshot, if any."""
+        if self.cell_snapshots is not None:
+            for cell in list(self.monitors):
+                self.cell_snapshots.restore(cell)
+            return
         try:
             saved = state.read(self.state_path)
             if saved is None:
@@ -111,6 +124,9 @@ class Daemon:
 
     def save_state(self) -> None:
         """Write a snapshot now (periodically, after an event is raised, and on a clean stop)."""
+        if self.cell_snapshots is not None:
+            self.cell_snapshots.save()
+            return
         clocks = {cell: self.ingest.stream_time(cell) for cell in self.ingest.clock if cell in self.monitors}
         started = time.perf_counter()
         try:
@@ -152,6 +168,8 @@ class Daemon:
                 background = [group.create_task(coro, name=name) for name, coro in (
                     ("ticker", self._ticker()), ("outbox-retry", self.delivery.retry_forever()),
                     ("liveness", self.link.liveness_forever()), ("snapshots", self._snapshots()))]  # fmt: skip
+                if self.cluster is not None:
+                    background.append(group.create_task(self.cluster.run(), name="cluster"))
                 await connection  # returns once stopped (clean goodbye done)
                 for task in background:
                     task.cancel()
@@ -188,20 +206,24 @@ class Daemon:
             log.error("reload failed; the running config stays", error=str(e))
             self.notifier.ready()
             return
-        restart_only = ("mqtt", "metrics", "daemon", "max_states", "max_actions")
+        restart_only = ("mqtt", "metrics", "daemon", "coordination", "max_states", "max_actions")
         fixed = [k for k in restart_only if getattr(new, k) != getattr(self.config, k)]
         if fixed:
             log.warning("reload: these sections change only on restart", sections=fixed)
         for cell in [c for c in self.monitors if c not in new.cells]:
+            if self.cell_snapshots is not None:
+                self.cell_snapshots.save([cell])  # its next owner (a reload elsewhere) takes it from here
             for twin in self.monitors.pop(cell).twins:
                 self._forget_twin(cell, twin)
             self.ingest.forget(cell, REAL)
             self.metrics.forget_stream(cell, REAL)
             self._spawn(self.link.subscribe(self.topics.telemetry_filters(cell), subscribe=False))
-        for cell in new.cells:
+        for cell in new.cells if self.cluster is None else [c for c in new.cells if c in self.monitors]:
             mon = self.monitors.get(cell)
             if mon is None:
                 self.monitors[cell] = CellMonitor(cell, new, self.namespace)
+                if self.cell_snapshots is not None:
+                    self.cell_snapshots.restore(cell)
                 self.metrics.declare(cell, list(new.cells[cell].twins), (), time.time())
                 self._spawn(self.link.subscribe(self.topics.telemetry_filters(cell), subscribe=True))
                 self._publish_initial_status(cell)
@@ -217,6 +239,8 @@ class Daemon:
             self.metrics.declare(cell, [t for t in mon.twins if t not in before], (), time.time())
             self._publish_initial_status(cell, skip=before)
         self.config = new
+        if self.cluster is not None:
+            self.cluster.set_cells(list(new.cells))
         self.metrics.schedule_seconds.set(new.schedule.every_seconds or 0)
         log.info("reloaded", cells={c: list(mon.twins) for c, mon in self.monitors.items()})
         self.notifier.ready()
@@ -260,8 +284,11 @@ class Daemon:
         assert report.event_id is not None
         event = PendingEvent(report.event_id, self.topics.resync(report.cell, report.twin), _JSON.encode(payload),
                              expires)  # fmt: skip
+        if self.cell_snapshots is not None:  # the cell's snapshot holds the event before the outbox does
+            self.cell_snapshots.save([report.cell], raising=[event])
         self.delivery.add(event)
-        self.save_state()  # the trigger is now disarmed: a restart must not fire this episode again
+        if self.cell_snapshots is None:
+            self.save_state()  # the trigger is now disarmed: a restart must not fire this episode again
         log.warning("resync event", cell=report.cell, twin=report.twin, event_id=report.event_id,
                     mismatch=report.figures.mismatch, reason=report.reason)  # fmt: skip
         self._spawn(self.delivery.send(event))
@@ -298,6 +325,7 @@ class Daemon:
             await asyncio.sleep(TICK_SECONDS)
             self.scheduler.tick(self.ingest.stream_time)
             self.metrics.outbox_pending.set(len(self.outbox))
+            self.metrics.owned_cells.set(len(self.monitors))
             restarts = self.pool.replaced - self._restarts_seen
             if restarts:
                 self._restarts_seen += restarts

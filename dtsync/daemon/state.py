@@ -65,6 +65,16 @@ class TwinState(msgspec.Struct, frozen=True):
     last_fired_t: float | None
     evaluations: int
     last_event_id: str | None
+    episodes: int = 0  # drift episodes fired so far: the next event's id is derived from episodes + 1
+
+
+class EventState(msgspec.Struct, frozen=True):
+    """A raised event not yet acknowledged when the snapshot was taken (per-cell snapshots only)."""
+
+    event_id: str
+    topic: str
+    payload: bytes
+    expires_at: float
 
 
 class CellState(msgspec.Struct, frozen=True):
@@ -74,6 +84,7 @@ class CellState(msgspec.Struct, frozen=True):
     clock: float | None  # the cell's stream time at `saved_at`
     real: WindowState
     twins: dict[str, TwinState]
+    pending: list[EventState] = msgspec.field(default_factory=list)
 
 
 class DaemonState(msgspec.Struct, frozen=True):
@@ -95,7 +106,8 @@ def _label(label: Hashable) -> Label:
 
 
 def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict[str, float],
-            last_events: dict[tuple[str, str], str]) -> DaemonState:  # fmt: skip
+            last_events: dict[tuple[str, str], str],
+            pending: dict[str, list[EventState]] | None = None) -> DaemonState:  # fmt: skip
     """Everything a restart needs, read from the monitors (cheap: copies of the live columns)."""
     cells = {}
     for cell, mon in monitors.items():
@@ -103,7 +115,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
         for name, tm in mon.twins.items():
             armed, fired = tm.trigger.state()
             twins[name] = TwinState(_window_state(tm.window), armed, fired, tm.evaluations,
-                                    last_events.get((cell, name)))  # fmt: skip
+                                    last_events.get((cell, name)), tm.episodes)  # fmt: skip
         bins = mon.encoder_bins()
         cells[cell] = CellState(
             bins=None if bins is None else [list(b) for b in bins],
@@ -112,6 +124,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
             clock=clocks.get(cell),
             real=_window_state(mon.real),
             twins=twins,
+            pending=(pending or {}).get(cell, []),
         )
     return DaemonState(time.time(), str(namespace), cells)
 
@@ -207,7 +220,8 @@ def apply(state: DaemonState, monitors: dict[str, CellMonitor],
 
     Cells and twins no longer configured are skipped; a cell whose encoder changed starts fresh (indices would
     change meaning). Every restored twin is due at once. Triggers are reconciled with the events still in the
-    outbox (`pending`, by (cell, twin)): one raised after the snapshot was taken counts as fired.
+    outbox (`pending`, by (cell, twin)): one raised after the snapshot was taken counts as fired (a fired
+    episode: the next event's id must not repeat its id).
     A SnapshotError leaves that cell untouched (the others are restored).
     """
     namespace = uuid.UUID(state.namespace)
@@ -240,6 +254,7 @@ def apply(state: DaemonState, monitors: dict[str, CellMonitor],
                 t = event.get("t")
                 if isinstance(t, int | float) and (trigger.last_fired_t is None or t > trigger.last_fired_t):
                     trigger.restore(False, float(t))
+                    mon.twins[name].episodes += 1
                     last_events[(cell, name)] = str(event.get("event_id"))
     return clocks, last_events
 
@@ -270,6 +285,7 @@ def _apply_cell(mon: CellMonitor, saved: CellState) -> None:
         tm.window.restore(*cols, twin.window.arrivals, twin.window.now)
         tm.trigger.restore(twin.armed, twin.last_fired_t)
         tm.evaluations = twin.evaluations
+        tm.episodes = twin.episodes
         mon.retry(name)  # due at once: a restarted daemon judges without waiting for a window to fill
 
 
