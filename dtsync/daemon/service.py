@@ -30,6 +30,7 @@ import structlog
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
 from dtsync.daemon import state
+from dtsync.daemon.acks import Acks
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.connection import Connection
 from dtsync.daemon.delivery import Delivery
@@ -85,6 +86,8 @@ class Daemon:
         self.outbox = Outbox(settings.outbox_file())
         self.delivery = Delivery(self.outbox, self.metrics, lambda: self.link.client, config.mqtt)
         self.state_path = settings.state_file()
+        self.acks = Acks(self.monitors, self.topics, self.metrics, self.ingest.stream_time, self.save_state)
+        self.metrics.resync_ack_timeout.set(settings.resync_ack_seconds)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
         self._restore()
@@ -106,6 +109,7 @@ class Daemon:
         for cell, t in clocks.items():
             self.ingest.clock[cell] = (t, mono)
         self.board.last_event.update(last_events)
+        self.acks.restore(saved.raised, self.delivery.pending_by_twin())
         log.info("state restored", path=str(self.state_path), age_seconds=round(time.time() - saved.saved_at, 1),
                  twins=[f"{c}/{t}" for c, t in state.restored_twins(self.monitors, saved)])  # fmt: skip
 
@@ -114,7 +118,8 @@ class Daemon:
         clocks = {cell: self.ingest.stream_time(cell) for cell in self.ingest.clock if cell in self.monitors}
         started = time.perf_counter()
         try:
-            state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event))
+            state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event,
+                                                       self.acks.capture()))  # fmt: skip
         except Exception as e:  # a full disk, or a bug: the service goes on (the previous snapshot stays)
             log.error("state snapshot not written", path=str(self.state_path), error=repr(e))
             return
@@ -238,7 +243,10 @@ class Daemon:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
-            self.ingest.handle(topic, payload)
+            if topic.endswith("/resynced"):
+                self.acks.handle(topic, payload)
+            else:
+                self.ingest.handle(topic, payload)
         except Exception:  # a bug must not stop the service: count it, log it (rate-limited), go on
             self.metrics.rejected.labels("internal_error").inc()
             if self.ingest.rejects.log(log, "internal_error", topic=topic):
@@ -248,6 +256,7 @@ class Daemon:
         await asyncio.wait_for(self.delivery.flush(), STOP_FLUSH_SECONDS)
 
     def _on_report(self, report: Report) -> None:
+        self.acks.on_report(report)
         if report.fired and report.event_id is not None:
             self._raise_event(report)
         status = self.board.from_report(report)

@@ -34,7 +34,9 @@ import msgspec
 import numpy as np
 import structlog
 
+from dtsync.daemon.acks import RaisedEvent
 from dtsync.monitor import CellMonitor
+from dtsync.resync import TwinSync
 from dtsync.window import SlidingWindow
 
 log = structlog.get_logger("dtsync.daemon")
@@ -65,6 +67,7 @@ class TwinState(msgspec.Struct, frozen=True):
     last_fired_t: float | None
     evaluations: int
     last_event_id: str | None
+    sync: TwinSync | None = None  # version and latest resync (dtsync.resync)
 
 
 class CellState(msgspec.Struct, frozen=True):
@@ -80,6 +83,7 @@ class DaemonState(msgspec.Struct, frozen=True):
     saved_at: float
     namespace: str
     cells: dict[str, CellState]
+    raised: list[RaisedEvent] = []  # events raised, for acknowledgements (dtsync.daemon.acks)
 
 
 def _window_state(window: SlidingWindow) -> WindowState:
@@ -95,7 +99,7 @@ def _label(label: Hashable) -> Label:
 
 
 def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict[str, float],
-            last_events: dict[tuple[str, str], str]) -> DaemonState:  # fmt: skip
+            last_events: dict[tuple[str, str], str], raised: Iterable[RaisedEvent] = ()) -> DaemonState:  # fmt: skip
     """Everything a restart needs, read from the monitors (cheap: copies of the live columns)."""
     cells = {}
     for cell, mon in monitors.items():
@@ -103,7 +107,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
         for name, tm in mon.twins.items():
             armed, fired = tm.trigger.state()
             twins[name] = TwinState(_window_state(tm.window), armed, fired, tm.evaluations,
-                                    last_events.get((cell, name)))  # fmt: skip
+                                    last_events.get((cell, name)), tm.sync)  # fmt: skip
         bins = mon.encoder_bins()
         cells[cell] = CellState(
             bins=None if bins is None else [list(b) for b in bins],
@@ -113,7 +117,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
             real=_window_state(mon.real),
             twins=twins,
         )
-    return DaemonState(time.time(), str(namespace), cells)
+    return DaemonState(time.time(), str(namespace), cells, list(raised))
 
 
 def encode(state: DaemonState) -> bytes:
@@ -270,6 +274,8 @@ def _apply_cell(mon: CellMonitor, saved: CellState) -> None:
         tm.window.restore(*cols, twin.window.arrivals, twin.window.now)
         tm.trigger.restore(twin.armed, twin.last_fired_t)
         tm.evaluations = twin.evaluations
+        if twin.sync is not None:
+            tm.sync = twin.sync
         mon.retry(name)  # due at once: a restarted daemon judges without waiting for a window to fill
 
 
