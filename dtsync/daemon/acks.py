@@ -70,16 +70,19 @@ class Acks:
         self.stream_time = stream_time
         self.changed = changed  # state worth a snapshot now
         self.events: OrderedDict[str, RaisedEvent] = OrderedDict()
+        self._seen: dict[tuple[str, str], float] = {}  # the start of the last version resync each twin reported
         self.rejects = ReasonLimiter("resync acknowledgement rejected", interval=60.0)
 
     def on_report(self, report: Report) -> None:
         """Remember a raised event; a resync by version change answers the events raised before it."""
+        key = (report.cell, report.twin)
+        r = report.resync
+        if r is not None and r.cause == "version" and self._seen.get(key) != r.t:  # first report since that resync
+            self._seen[key] = r.t
+            self._answer(*key)  # every event raised so far came before it (a report raises after it is shown)
         if report.fired and report.event_id is not None:
             self._remember(RaisedEvent(report.event_id, report.cell, report.twin, report.t, time.time()))
-        r = report.resync
-        if r is not None and r.cause == "version":
-            self._answer(report.cell, report.twin, before=r.t)
-        self._export(report.cell, report.twin)
+        self._export(*key)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One acknowledgement message; never raises on bad input (rejected and counted)."""
@@ -107,7 +110,7 @@ class Acks:
         latency = max(0.0, time.time() - event.time)
         dropped = monitor.resynced(twin, self.stream_time(cell), cause="ack", version=ack.twin_version,
                                    event_id=event.event_id, event_t=event.t, latency=latency)  # fmt: skip
-        self._answer(cell, twin, upto=event)
+        self._answer(cell, twin, event)
         self.metrics.resync_latency.labels(cell, twin).observe(latency)
         self.metrics.twin_version_changed(cell, twin, ack.twin_version)
         self._export(cell, twin)
@@ -134,7 +137,9 @@ class Acks:
                         and isinstance(wall, int | float):  # fmt: skip
                     self._remember(RaisedEvent(eid, cell, twin, float(t), float(wall)))
         for cell, monitor in self.monitors.items():
-            for twin in monitor.twins:
+            for twin, tm in monitor.twins.items():
+                if tm.sync.resync is not None:  # restored: its events were answered before the snapshot
+                    self._seen[(cell, twin)] = tm.sync.resync.t
                 self._export(cell, twin)
 
     def _remember(self, event: RaisedEvent) -> None:
@@ -142,13 +147,10 @@ class Acks:
         while len(self.events) > MAX_EVENTS:
             self.events.popitem(last=False)
 
-    def _answer(self, cell: str, twin: str, *, upto: RaisedEvent | None = None, before: float | None = None) -> None:
-        """Mark the twin's events answered: up to and including `upto` (raised no later), or raised before `before`
-        (stream time)."""
+    def _answer(self, cell: str, twin: str, upto: RaisedEvent | None = None) -> None:
+        """Mark the twin's events answered: all of them, or those raised no later than `upto`."""
         for e in self.events.values():
-            if (e.cell, e.twin) != (cell, twin) or e.answered:
-                continue
-            if (upto is not None and e.time <= upto.time) or (before is not None and e.t < before):
+            if (e.cell, e.twin) == (cell, twin) and (upto is None or e.time <= upto.time):
                 e.answered = True
 
     def _export(self, cell: str, twin: str) -> None:

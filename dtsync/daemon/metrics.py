@@ -133,6 +133,7 @@ class DaemonMetrics:
             self.twin_state.labels(cell, twin).state("warming")
             self.last_evaluation.labels(cell, twin).set(since)  # never evaluated reads as stale from `since`
             self.resync_unanswered_since.labels(cell, twin).set(0.0)
+            self.resync_latency.labels(cell, twin)
             for cause in ("ack", "version"):
                 self.resyncs.labels(cell, twin, cause)
         for stream in ("real", *twins):
