@@ -107,7 +107,7 @@ class DaemonMetrics:
         self.mismatch_before = gauge("dtsync_resync_mismatch_before", "Mismatch at the last judgement before the "
                                      "latest completed resync (NaN: never judged).")  # fmt: skip
         self.mismatch_after = gauge("dtsync_resync_mismatch_after", "Mismatch at the first judgement on fresh data "
-                                    "after the latest completed resync.")  # fmt: skip
+                                    "after the latest completed resync (NaN: none yet).")  # fmt: skip
         self.resync_unanswered_since = gauge(
             "dtsync_resync_unanswered_since_timestamp_seconds",
             "Wall time of the twin's oldest resync event not yet acknowledged (0: none waiting).",
@@ -134,6 +134,8 @@ class DaemonMetrics:
             self.last_evaluation.labels(cell, twin).set(since)  # never evaluated reads as stale from `since`
             self.resync_unanswered_since.labels(cell, twin).set(0.0)
             self.resync_latency.labels(cell, twin)
+            self.mismatch_before.labels(cell, twin).set(math.nan)  # NaN: no resync completed yet
+            self.mismatch_after.labels(cell, twin).set(math.nan)
             for cause in ("ack", "version"):
                 self.resyncs.labels(cell, twin, cause)
         for stream in ("real", *twins):
