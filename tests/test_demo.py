@@ -8,7 +8,6 @@ import sys
 
 DURATION = 90  # the default length; the stale twin's channel model changes at half of it
 WINDOW_SECONDS = 15  # the demo's window: 15 s of traffic
-CYCLE_SECONDS = 5  # one evaluation cycle on a loaded 2-core machine (the interval's 20 solves)
 
 
 def test_demo_flags_the_stale_twin_the_controller_resyncs_it_and_the_faithful_one_is_never_touched() -> None:
@@ -22,16 +21,20 @@ def test_demo_flags_the_stale_twin_the_controller_resyncs_it_and_the_faithful_on
     assert faithful is not None and set(re.findall(r"(\w+) \(", faithful.group(1))) == {"warming", "ok"}, text[-3000:]
     stale = re.search(r"stale: (\d+) resync event\(s\); last state (\w+), .*; states (.*)", text)
     assert stale is not None and int(stale.group(1)) >= 1 and stale.group(2) == "ok", text[-3000:]
-    # Plain lines, not a live table, when stdout is not a terminal; the event comes after the switch, within one
-    # window length of it, on evidence (the interval's lower end and the test), at the paper's gamma 0.9.
+    # Plain lines, not a live table, when stdout is not a terminal; the event comes after the switch, on evidence
+    # (the interval's lower end and the test), at the paper's gamma 0.9, within one window length of it plus the
+    # time one evaluation cycle takes: an event is stamped when the evaluation that saw the evidence finishes, and
+    # on a loaded 2-core machine a cycle takes ~5 s (CI once printed 45.2 s against a bare 45 s bound).
     fired = re.search(r"\n\s*([\d.]+) s  RESYNC stale: .*\(evidence\)", text)
     assert fired is not None, text[-3000:]
-    assert DURATION / 2 < float(fired.group(1)) <= DURATION / 2 + WINDOW_SECONDS, text[-3000:]
+    judged = [t for t in map(float, re.findall(r"\n\s*([\d.]+) s  stale: ", text)) if t > DURATION / 2]
+    cycle = max(b - a for a, b in zip(judged, judged[1:], strict=False))
+    assert DURATION / 2 < float(fired.group(1)) <= DURATION / 2 + WINDOW_SECONDS + cycle, text[-3000:]
     # The loop: drifted -> resyncing -> ok, back within a window (and one evaluation cycle) of the event.
     loop = re.search(r"drifted \(([\d.]+) s\) -> resyncing \(([\d.]+) s\) -> ok \(([\d.]+) s\)", stale.group(3))
     assert loop is not None, stale.group(0)
     drifted, resyncing, ok = (float(x) for x in loop.groups())
-    assert drifted <= resyncing <= ok <= drifted + WINDOW_SECONDS + CYCLE_SECONDS, stale.group(0)
+    assert drifted <= resyncing <= ok <= drifted + WINDOW_SECONDS + cycle, stale.group(0)
     # The summary shows the event's ack latency and the mismatch before and after the resync.
     acked = re.search(r"acked after ([\d.]+) s \(version v1\); mismatch ([\d.]+) -> ([\d.]+)", text)
     assert acked is not None, text[-3000:]

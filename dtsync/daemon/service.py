@@ -243,7 +243,7 @@ class Daemon:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
-            if topic.endswith("/resynced"):
+            if self.topics.parse_ack(topic) is not None:
                 self.acks.handle(topic, payload)
             else:
                 self.ingest.handle(topic, payload)
