@@ -1,7 +1,21 @@
-"""Example gNB-controller side of dtsync: receive resync events, act on each one once, ignore stale ones.
+"""Example gNB-controller side of dtsync: receive resync events, act on each one once, ignore stale ones, and
+tell the daemon when a twin was resynchronised.
 
     python deploy/controller_example.py --host broker.example --port 8883 --ca-file /etc/gnb/ca.crt \
         --username controller --password-file /etc/gnb/mqtt-password --cell cell-1 --client-id gnb-ctl-cell-1
+
+A controller makes three calls (deploy/README.md, "Controllers"):
+
+1. subscribe to ``<prefix>/<cell>/twin/+/resync`` (QoS 1, persistent session) and keep each fresh event once;
+2. resynchronise the twin, and restart its telemetry under a new version ``v`` (a string on every transition);
+3. publish the acknowledgement ``{"event_id", "twin_version", "time"}`` to ``<prefix>/<cell>/twin/<twin>/resynced``
+   (QoS 1): the daemon then drops the twin's window and judges it afresh, `resyncing` until it can.
+
+With ``--testbed`` (needs dtsync installed) this controller runs the twins of dtsync's reference testbed itself
+and really does all three: on an event it refits the twin's parameters from ``--fit-steps`` measured steps of
+the real network (dtsync.testbed.variants.fitted), restarts that twin's telemetry with the new version, and
+acks. ``dtsync demo`` runs it so. In that mode it also publishes the twins' telemetry, so under the shipped
+Mosquitto ACL it needs the cell's producer rights as well as the controller's.
 
 Delivery is at least once: the daemon keeps an event in its outbox until the broker acknowledges it and re-sends
 it after a reconnect or a restart, and QoS 1 itself may deliver a message twice. So a controller:
@@ -13,8 +27,9 @@ it after a reconnect or a restart, and QoS 1 itself may deliver a message twice.
 - keeps a persistent session (fixed ``--client-id``, clean start off, a session expiry), so events raised while
   the controller restarts wait at the broker instead of being lost.
 
-Only the standard library and paho-mqtt (a dtsync dependency) are needed; copy this file and replace
-``resync_twin`` with the call that resynchronises the twin. The de-duplication memory lives in the process: if a
+Only the standard library and paho-mqtt (a dtsync dependency) are needed without ``--testbed``; copy this file
+and replace ``resync_twin`` with the call that resynchronises the twin (it returns the twin's new version, or
+None when nothing was done and there is nothing to acknowledge). The de-duplication memory lives in the process: if a
 resync must never run twice even across controller restarts, persist ``EventFilter.seen`` as well.
 """
 
@@ -92,11 +107,12 @@ class EventFilter:
             del self.seen[event_id]
 
 
-def resync_twin(event: dict[str, Any]) -> None:
-    """Replace with the controller's action: re-synchronise twin ``event['twin']`` of cell ``event['cell']``.
+def resync_twin(event: dict[str, Any]) -> str | None:
+    """Replace with the controller's action: re-synchronise twin ``event['twin']`` of cell ``event['cell']``;
+    return its new version (then acknowledged), or None if nothing was done.
 
     The event also carries the evidence: mismatch and its interval, noise floor, threshold, the worst states
-    (``top_states``), sample counts, coverage and the daemon ``instance`` that raised it.
+    (``top_states``), sample counts, coverage, the twin's ``version`` and the daemon ``instance`` that raised it.
     """
     print(
         json.dumps(
@@ -110,6 +126,74 @@ def resync_twin(event: dict[str, Any]) -> None:
         ),
         flush=True,
     )
+    return None
+
+
+def ack_payload(event: dict[str, Any], version: str, now: float) -> bytes:
+    """Call 3: the acknowledgement of `event`, published to ``<prefix>/<cell>/twin/<twin>/resynced``."""
+    return json.dumps({"event_id": event["event_id"], "twin_version": version, "time": now}).encode()
+
+
+class TestbedTwins:
+    """``--testbed``: twins of dtsync's reference testbed, run here (telemetry paced to the wall clock, every
+    transition carrying its twin's version), and resynchronised by refitting them on the real network."""
+
+    def __init__(self, client: paho.Client, prefix: str, cell: str, names: list[str], *, rate: float, fit_steps: int,
+                 seed: int, start: float, stale_after: float | None, stale_preset: str) -> None:  # fmt: skip
+        from dtsync.testbed import Switch, preset
+
+        self.client, self.prefix, self.cell = client, prefix, cell
+        self.rate, self.fit_steps, self.seed = rate, fit_steps, seed
+        self.real = preset("real")
+        self.lock = threading.Lock()
+        self.refits = 0
+        self.streams: dict[str, tuple[str, Any, Any]] = {}  # twin -> (version, generator, next transition)
+        switch = None if stale_after is None else Switch(int(stale_after * rate), preset(stale_preset))
+        for i, name in enumerate(names):
+            self._start(name, self.real, "v0", start, seed + i, switch)
+
+    def _start(self, name: str, params: Any, version: str, start: float, seed: int, switch: Any = None) -> None:
+        from dtsync.testbed import transitions
+
+        stream = transitions(params, steps=10**12, seed=seed, start_time=start, step_seconds=1 / self.rate,
+                             switch=switch)  # fmt: skip
+        self.streams[name] = (version, stream, next(stream))
+
+    def resync(self, event: dict[str, Any]) -> str | None:
+        """Call 2: refit the twin from the real network's measured steps, restart its telemetry as a new version."""
+        import numpy as np
+
+        from dtsync.testbed.variants import fitted
+
+        name = event.get("twin")
+        if event.get("cell") != self.cell or name not in self.streams:
+            return None  # not a twin run here
+        self.refits += 1
+        params = fitted(self.real, self.fit_steps, np.random.default_rng(self.seed + 7919 * self.refits))
+        version = f"v{self.refits}"
+        with self.lock:
+            self._start(name, params, version, time.time(), self.seed + 104729 * self.refits)
+        log("twin refitted", twin=name, version=version, fit_steps=self.fit_steps, event_id=event.get("event_id"))
+        return version
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish each twin's transitions as their time comes, in batches every 0.1 s."""
+        import msgspec
+
+        from dtsync.contract import encode_batch
+
+        while not stop.is_set():
+            now = time.time()
+            with self.lock:
+                for name, (version, stream, nxt) in list(self.streams.items()):
+                    batch = []
+                    while nxt.t <= now:
+                        batch.append(msgspec.structs.replace(nxt, v=version))
+                        nxt = next(stream)
+                    self.streams[name] = (version, stream, nxt)
+                    if batch:
+                        self.client.publish(f"{self.prefix}/{self.cell}/twin/{name}", encode_batch(batch), qos=1)
+            stop.wait(0.1)
 
 
 def log(message: str, **fields: Any) -> None:
@@ -129,7 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-expiry", type=int, default=3600, help="seconds the broker keeps our session")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     p.add_argument("--exit-after", type=int, default=0, help="exit after acting on this many events (0: never)")
+    t = p.add_argument_group("--testbed: run twins of dtsync's reference testbed and really resync them")
+    t.add_argument("--testbed", action="store_true")
+    t.add_argument("--twin", action="append", default=[], help="a twin of --cell run here (repeatable)")
+    t.add_argument("--rate", type=float, default=1000.0, help="transitions per second per twin")
+    t.add_argument("--fit-steps", type=int, default=30000, help="measured steps of the real network a refit uses")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--start-time", type=float, help="wall time of the twins' first step (default: now)")
+    t.add_argument("--stale-after", type=float, help="seconds after the start the twins' model goes stale")
+    t.add_argument("--stale-preset", default="misestimated-channel", help="what the stale model becomes")
     args = p.parse_args(argv)
+    if args.testbed and (not args.cell or len(args.cell) != 1 or not args.twin):
+        p.error("--testbed needs one --cell and at least one --twin")
 
     v5 = args.protocol == "5"
     client = paho.Client(
@@ -148,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     seen = EventFilter()
     acted = 0
     done = threading.Event()
+    twins = None
+    if args.testbed:
+        twins = TestbedTwins(client, args.prefix, args.cell[0], args.twin, rate=args.rate, fit_steps=args.fit_steps,
+                             seed=args.seed, start=args.start_time or time.time(), stale_after=args.stale_after,
+                             stale_preset=args.stale_preset)  # fmt: skip
+    resync = resync_twin if twins is None else twins.resync
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -168,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             log("event ignored", reason=verdict.reason, topic=msg.topic, event_id=(verdict.event or {}).get("event_id"))
             return
         assert verdict.event is not None
-        resync_twin(verdict.event)  # the PUBACK goes out after this returns: a crash here means redelivery
+        event = verdict.event
+        version = resync(event)  # the PUBACK goes out after this returns: a crash here means redelivery
+        if version is not None:
+            ack = f"{args.prefix}/{event['cell']}/twin/{event['twin']}/resynced"
+            client.publish(ack, ack_payload(event, version, time.time()), qos=1)
+            log("resync acknowledged", topic=ack, event_id=event["event_id"], version=version)
         acted += 1
         if args.exit_after and acted >= args.exit_after:
             done.set()
@@ -188,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     client.loop_start()
+    if twins is not None:
+        threading.Thread(target=twins.run, args=(done,), name="testbed-twins", daemon=True).start()
     try:
         done.wait()
     except KeyboardInterrupt:

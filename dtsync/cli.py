@@ -268,13 +268,14 @@ def plot_command(
 
 @app.command()
 def demo(
-    duration: Annotated[float, typer.Option(help="Seconds to run before the summary.")] = 60.0,
+    duration: Annotated[float, typer.Option(help="Seconds to run before the summary.")] = 90.0,
     rate: Annotated[float, typer.Option(help="Transitions per second per stream.")] = 3000.0,
     embedded_broker: Annotated[bool, typer.Option(help="Use the embedded amqtt broker even if mosquitto is here.")]
     = False,
 ) -> None:
-    """The whole workflow on this machine: a broker, the testbed as a real network and two twins (one faithful,
-    one whose channel model goes stale halfway), the real daemon, and a live view of its decisions."""
+    """The whole loop on this machine: a broker, the testbed as a real network and two twins (one faithful, one
+    whose channel model goes stale halfway), the real daemon, the example controller that refits the stale twin
+    when it is flagged, and a live view of the daemon's decisions."""
     import asyncio
 
     from dtsync.demo.run import run_demo

@@ -244,7 +244,8 @@ class MetricsSettings(_Section):
 class DaemonSettings(_Section):
     """The service: ``instance`` names this monitor in topics and events; where the outbox and the state
     snapshots live; when a stream or a twin counts as stale (``/healthz``); how many worker processes compute
-    the metric; how far a transition's ``t`` may be from the receive clock; logging."""
+    the metric; how far a transition's ``t`` may be from the receive clock; how long a resync event may wait for
+    a controller's acknowledgement before the alert fires; logging."""
 
     instance: Name = "default"
     outbox_path: Path | None = None
@@ -254,6 +255,7 @@ class DaemonSettings(_Section):
     stale_seconds: float = Field(default=60.0, gt=0)
     workers: int | None = Field(default=None, ge=1)
     max_clock_skew_seconds: float | None = Field(default=300.0, gt=0)
+    resync_ack_seconds: float = Field(default=600.0, gt=0)  # exported for the DtsyncResyncNotAcknowledged alert
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -2,7 +2,8 @@
 
 One transition is a JSON object::
 
-    {"s": STATE, "a": ACTION, "r": NUMBER, "s_next": STATE, "t": UNIX_SECONDS?, "seq": INT?, "done": BOOL?}
+    {"s": STATE, "a": ACTION, "r": NUMBER, "s_next": STATE, "t": UNIX_SECONDS?, "seq": INT?, "done": BOOL?,
+     "v": STRING?}
 
 STATE is an integer id, a string label or a non-empty array of numbers; ACTION is an integer id or a string
 label. A payload is one such object or a JSON array of them (a batch); offline traces are JSON Lines files,
@@ -11,6 +12,11 @@ one object per line. Unknown keys are ignored so publishers can add fields witho
 ``done`` (default false) says the episode *terminated* with this transition: ``s_next`` is a terminal state. A
 time-limit truncation is not a termination and must not set it. Downstream, the next state of a ``done``
 transition is the cell's absorbing state (reward 0, a self-loop under every action; see dtsync.episodes).
+
+``v`` (optional, on twin transitions) is the twin's version: a controller that resynchronises a twin sends its
+new telemetry under a new version, and a change of version starts the twin's window afresh (dtsync.monitor), so
+the old model's behaviour never mixes with the new one's. A string of 1 to 64 characters; ignored on the real
+stream.
 
 Decoding is strict: booleans are not numbers (nor numbers booleans: ``done`` is ``true``, ``false`` or absent),
 ``t`` and ``seq`` may be ``null`` or absent. Every problem is
@@ -71,12 +77,15 @@ Vector = Annotated[tuple[float, ...], msgspec.Meta(min_length=1)]
 State = int | str | Vector
 Action = int | str
 
+Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # bounded: it becomes a metric label
+
 _REQUIRED = ("s", "a", "r", "s_next")
 
 
 class Transition(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
-    """One observed transition (s, a, r, s_next), optionally stamped with time ``t`` and sequence ``seq``, and
-    ``done`` when the episode terminated with it (``s_next`` terminal; not set for a time-limit truncation).
+    """One observed transition (s, a, r, s_next), optionally stamped with time ``t`` and sequence ``seq``,
+    ``done`` when the episode terminated with it (``s_next`` terminal; not set for a time-limit truncation), and
+    the twin's version ``v``.
 
     Constraints (non-empty vectors, finite floats, no booleans) are enforced when decoding, not when a
     Transition is built directly in Python. ``gc=False``: instances hold no containers that could form
@@ -90,6 +99,7 @@ class Transition(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     t: float | None = None
     seq: int | None = None
     done: bool = False
+    v: Version | None = None
 
 
 class Rejection(NamedTuple):
@@ -220,6 +230,7 @@ def _classify(value: Any) -> str | None:
         None if value.get("t") is None else _check_number(value["t"]),
         None if value.get("seq") is None else _check_int(value["seq"]),
         None if "done" not in value else _check_bool(value["done"]),
+        None if value.get("v") is None else _check_version(value["v"]),
     )
     for reason in ("wrong_type", "non_finite"):
         if reason in checks:
@@ -229,6 +240,10 @@ def _classify(value: Any) -> str | None:
 
 def _check_bool(x: Any) -> str | None:
     return None if isinstance(x, bool) else "wrong_type"
+
+
+def _check_version(x: Any) -> str | None:
+    return None if isinstance(x, str) and 1 <= len(x) <= 64 else "wrong_type"
 
 
 def _check_int(x: Any) -> str | None:

@@ -34,6 +34,7 @@ from dtsync.encoding import CapacityError, CellEncoding, EncodingError, StateEnc
 from dtsync.episodes import TERMINAL, absorb, absorb_arrays
 from dtsync.metric import DTBSMSolver, dtbsm, dtbsm_tv, regret_bound, regret_estimate
 from dtsync.metric.evidence import WindowStats, bootstrap_interval, permutation_test, pool_thin
+from dtsync.resync import RESYNCING, Cause, Resync, TwinSync
 from dtsync.trigger import Evaluation, Trigger
 from dtsync.window import EmpiricalMDP, SlidingWindow
 
@@ -122,6 +123,9 @@ class Report:
     state: str
     reason: str
     event_id: str | None
+    version: str | None = None  # the twin's version (telemetry ``v`` or an acknowledgement), if stated
+    resync: Resync | None = None  # the twin's latest resync (dtsync.resync), under way or completed
+    resynced: bool = False  # this evaluation is the first judgement on fresh data: it completes `resync`
 
     def record(self) -> dict[str, Any]:
         """Every figure, the decision and the event id: the one schema of timeline rows and events."""
@@ -138,7 +142,13 @@ class Report:
             "fired": self.fired,
             "event_id": self.event_id,
             "reason": self.reason,
+            **self._sync(),
         }
+
+    def _sync(self) -> dict[str, Any]:
+        """The twin's version and its latest resync (event, latency, mismatch before and after)."""
+        return {"version": self.version, "resync": None if self.resync is None else asdict(self.resync),
+                "resynced": self.resynced}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         """The part of the record a twin's retained status carries: the decision and the headline figures with
@@ -151,7 +161,7 @@ class Report:
             "samples_twin": f.samples_twin, "coverage": f.coverage, "reason": self.reason,
             "p_value": f.p_value, "interval_low": f.interval_low, "interval_high": f.interval_high,
             "interval_level": f.interval_level, "mismatch_supported": f.mismatch_supported,
-            "supported_states": f.supported_states,
+            "supported_states": f.supported_states, **self._sync(),
         }  # fmt: skip
 
 
@@ -315,6 +325,7 @@ class TwinMonitor:
     evaluations: int = 0
     episodes: int = 0  # drift episodes fired so far (persisted): names the next event
     busy: bool = False  # a computation is in flight (daemon): not due again until it lands
+    sync: TwinSync = field(default_factory=TwinSync)  # version and resyncs (dtsync.resync)
 
     @classmethod
     def create(cls, settings: TwinSettings) -> TwinMonitor:
@@ -391,6 +402,10 @@ class CellMonitor:
 
         The transition's own `t` is its time when given, else `now` (the receive time).
         """
+        if stream != REAL:
+            reason = self._version(stream, tr.v, now if tr.t is None else tr.t)
+            if reason is not None:
+                return reason
         window = self.real if stream == REAL else self.twins[stream].window
         try:
             s, a, s_next = self.encoding.encode(tr)
@@ -417,6 +432,14 @@ class CellMonitor:
         the points where `due` could fire, transitions go into the window in one `extend`. Rejected items are
         appended to `rejected` as (position, reason).
         """
+        if stream != REAL and len(transitions) > 1 and any(tr.v is not None for tr in transitions):
+            yield from self._ingest_versions(stream, transitions, now, rejected)
+        else:
+            yield from self._ingest(stream, transitions, now, rejected)
+
+    def _ingest(
+        self, stream: str, transitions: Sequence[Transition], now: float, rejected: list[tuple[int, str]]
+    ) -> Iterator[tuple[float, list[str]]]:
         if len(transitions) == 1:  # one transition a message is common: the plain path is cheapest
             tr = transitions[0]
             reason = self.add(stream, tr, now)
@@ -448,6 +471,57 @@ class CellMonitor:
             if names:
                 yield t[j - 1], names
             i = j
+
+    def _ingest_versions(
+        self, stream: str, transitions: Sequence[Transition], now: float, rejected: list[tuple[int, str]]
+    ) -> Iterator[tuple[float, list[str]]]:
+        """A twin's batch that states versions: each run of one version goes in after its version is applied
+        (a change starts a fresh window; a superseded version's transitions are refused)."""
+        start = 0
+        for i in range(1, len(transitions) + 1):
+            if i < len(transitions) and transitions[i].v == transitions[start].v:
+                continue
+            first = transitions[start]
+            reason = self._version(stream, first.v, now if first.t is None else first.t)
+            if reason is not None:
+                rejected.extend((k, reason) for k in range(start, i))
+            else:
+                rest: list[tuple[int, str]] = []
+                yield from self._ingest(stream, transitions[start:i], now, rest)
+                rejected.extend((start + k, why) for k, why in rest)
+            start = i
+
+    def _version(self, twin: str, version: str | None, t: float) -> str | None:
+        """Apply a twin transition's version: a new one starts a fresh window; a superseded one is refused."""
+        if version is None:
+            return None
+        sync = self.twins[twin].sync
+        if sync.superseded(version):
+            return "stale_version"
+        if sync.changes(version, len(self.twins[twin].window) == 0):
+            self.resynced(twin, t, cause="version", version=version)
+        else:
+            sync.first_version(version)
+        return None
+
+    def resynced(self, twin: str, t: float, *, cause: Cause, version: str | None, event_id: str | None = None,
+                 event_t: float = -math.inf, latency: float | None = None) -> bool:  # fmt: skip
+        """The twin was re-synchronised at stream time `t`: drop its window, re-arm its trigger, and judge it
+        `resyncing` until the fresh window can be judged. An acknowledgement of a resync whose new version's
+        telemetry already started a fresh window after the event keeps that window. True if it was dropped."""
+        tm = self.twins[twin]
+        if event_id is not None and tm.sync.attach(event_id, latency, version, event_t):
+            return False
+        tm.window = _window(tm.settings.window)
+        tm.trigger.rearm()
+        tm.sync.start(Resync(cause, t, version if version is not None else tm.sync.version, event_id, latency))
+        tm.new_transitions = 0
+        self._quiet_adds, self._quiet_until = 0.0, -math.inf
+        return True
+
+    def version(self, twin: str) -> str | None:
+        """The twin's current version (None: never stated)."""
+        return self.twins[twin].sync.version
 
     def due(self, now: float) -> list[str]:
         """Twins whose schedule says evaluate now: every T seconds or every M new transitions, first wins.
@@ -506,6 +580,7 @@ class CellMonitor:
         S, A = len(self.encoding.states), len(self.encoding.actions)
         tm.new_transitions = 0
         tm.last_eval_t = now
+        tm.sync.computing = tm.sync.generation
         halves = self.real.halves(S, A) if tm.settings.noise_floor and len(self.real) >= 2 else None
         return Snapshot(now, self.real.to_mdp(S, A), tm.window.to_mdp(S, A), halves, list(self.encoding.states.labels),
                         self.real.reward_variance(S, A), tm.window.reward_variance(S, A),
@@ -514,12 +589,19 @@ class CellMonitor:
     def decide(self, twin: str, t: float, figures: Figures) -> Report:
         """Apply the trigger rule to a computed evaluation; a fired event gets an id stable for its episode."""
         tm = self.twins[twin]
-        decision = tm.trigger.update(evaluation(t, figures))
         tm.evaluations += 1
+        sync = tm.sync
+        if sync.computing != sync.generation:  # computed on the window a resync has dropped since: not a judgement
+            return Report(t, self.cell, twin, tm.trigger.rule.threshold, figures, False, RESYNCING,
+                          "resyncing: this evaluation saw the window from before the resync", None, sync.version,
+                          sync.resync)  # fmt: skip
+        decision = tm.trigger.update(evaluation(t, figures))
         event_id = None
         if decision.fired:
             tm.episodes += 1
             event_id = str(uuid.uuid5(self.event_namespace, f"{self.cell}/{twin}/episode/{tm.episodes}"))
+        state, completes = sync.judged(decision.state, figures.mismatch, t)
+        reason = f"resyncing: {decision.reason}" if state == RESYNCING else decision.reason
         return Report(
             t=t,
             cell=self.cell,
@@ -527,9 +609,12 @@ class CellMonitor:
             threshold=tm.trigger.rule.threshold,
             figures=figures,
             fired=decision.fired,
-            state=decision.state,
-            reason=decision.reason,
+            state=state,
+            reason=reason,
             event_id=event_id,
+            version=sync.version,
+            resync=sync.resync,
+            resynced=completes,
         )
 
     def evaluate(self, twin: str, now: float) -> Report:

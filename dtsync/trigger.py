@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ActOn = Literal["evidence", "point", "lower", "upper", "excess"]
-State = Literal["warming", "ok", "drifted"]
+State = Literal["warming", "ok", "drifted"]  # the monitor adds "resyncing" (dtsync.resync)
 
 ACT_ON_CHOICES: tuple[ActOn, ...] = ("evidence", "point", "lower", "upper", "excess")
 
@@ -208,6 +208,12 @@ class Trigger:
         self.armed = False
         self.last_fired_t = ev.t
         return Decision(True, "drifted", value, f"{label} >= threshold {rule.threshold:.4g} ({rule.act_on})")
+
+    def rearm(self) -> None:
+        """The twin was re-synchronised (dtsync.resync): armed again and out of cooldown, so the next event is
+        about the new model alone, judged on its own fresh window."""
+        self.armed = True
+        self.last_fired_t = None
 
     def state(self) -> tuple[bool, float | None]:
         """(armed, last_fired_t): what a restart must restore so that a twin still drifted does not fire again."""

@@ -126,6 +126,33 @@ def test_an_unacknowledged_event_travels_with_its_cell(tmp_path: Path, daemons: 
     assert b.board.last_event[("c1", "tw")] == report.event_id
 
 
+def test_the_next_owner_accepts_the_acknowledgement_of_an_event_raised_before_the_failover(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """An event delivered (gone from the outbox) but not yet acknowledged when its instance died: the cell's
+    snapshot names it, so the controller's ack reaches the next owner as a resync, not as an unknown event."""
+    shared = tmp_path / "cells"
+    a = Daemon(_config(tmp_path, "a", ["c1"], state_dir=str(shared)))
+    daemons.append(a)
+    t = _feed(a.monitors["c1"], 400, drifted=True)
+    report = a.monitors["c1"].evaluate("tw", t)
+    assert report.fired and report.event_id is not None
+
+    async def raise_it(d: Daemon, r: Report) -> None:
+        d._on_report(r)
+
+    asyncio.run(raise_it(a, report))
+    a.outbox.remove(report.event_id)  # the broker had it: delivered
+    a.save_state()
+    b = Daemon(_config(tmp_path, "b", ["c1"], state_dir=str(shared)))
+    daemons.append(b)
+    assert len(b.outbox) == 0 and len(b.monitors["c1"].twins["tw"].window) > 0
+    ack = json.dumps({"event_id": report.event_id, "twin_version": "v2"}).encode()
+    b.acks.handle(b.topics.resynced("c1", "tw"), ack)
+    assert not b.metrics.registry.get_sample_value("dtsync_rejected_total", {"reason": "ack_unknown_event"})
+    assert len(b.monitors["c1"].twins["tw"].window) == 0 and b.monitors["c1"].version("tw") == "v2"
+
+
 def test_switching_from_state_path_to_state_dir_keeps_the_windows(tmp_path: Path, daemons: list[Daemon]) -> None:
     single = tmp_path / "single.snapshot"
     old = Daemon(_config(tmp_path, "a", ["c1", "c2"], state_path=str(single)))

@@ -42,7 +42,9 @@ def test_topic_layout() -> None:
     t = Topics("dtsync")
     assert t.resync("c", "w") == "dtsync/c/twin/w/resync" and t.status("c", "w") == "dtsync/c/twin/w/status"
     assert t.daemon_status("i") == "dtsync/_daemon/i/status"
-    assert t.telemetry_filters("c") == ["dtsync/c/real", "dtsync/c/twin/+"]
+    assert t.telemetry_filters("c") == ["dtsync/c/real", "dtsync/c/twin/+", "dtsync/c/twin/+/resynced"]
+    assert t.resynced("c", "w") == "dtsync/c/twin/w/resynced" and t.parse_ack("dtsync/c/twin/w/resynced") == ("c", "w")
+    assert t.parse_ack("dtsync/c/twin/w") is None and t.parse_ack("dtsync/c/w/resynced") is None
 
 
 def test_outbox_persists_in_order_and_forgets_on_ack(tmp_path: Path) -> None:

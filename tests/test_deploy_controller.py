@@ -152,3 +152,18 @@ def test_script_acts_once_per_fresh_event_across_a_restart(broker: Mosquitto, tm
     ignored = {(entry["reason"], entry.get("event_id")) for entry in logs if entry["log"] == "event ignored"}
     assert ignored == {("duplicate", "kept"), ("expired", "stale"), ("invalid: not JSON", None)}
     assert [entry["session_present"] for entry in logs if entry["log"] == "connected"] == [True]
+
+
+def test_testbed_controller_refits_only_its_own_twins_and_acks_with_the_new_version() -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)  # never connected: nothing is sent
+    twins = ctl.TestbedTwins(client, "dtsync", "cell-1", ["t"], rate=1000, fit_steps=30000, seed=0, start=NOW,
+                             stale_after=10.0, stale_preset="misestimated-channel")  # fmt: skip
+    assert twins.streams["t"][0] == "v0"
+    raised = json.loads(event("e1"))
+    assert twins.resync({**raised, "twin": "other"}) is None and twins.resync({**raised, "cell": "cell-2"}) is None
+    before = time.time()
+    assert twins.resync(raised) == "v1" and twins.resync(raised) == "v2"
+    version, _, first = twins.streams["t"]
+    assert version == "v2" and first.t >= before  # restarted now, from the refitted parameters
+    ack = json.loads(ctl.ack_payload(raised, "v2", NOW))
+    assert ack == {"event_id": "e1", "twin_version": "v2", "time": NOW}

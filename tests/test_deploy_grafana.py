@@ -223,6 +223,11 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "dtsync_mqtt_connected",
         "dtsync_outbox_pending",
         "dtsync_twin_state",
+        "dtsync_resync_mismatch_before",
+        "dtsync_resync_mismatch_after",
+        "dtsync_resync_latency_seconds_sum",
+        "dtsync_resync_latency_seconds_count",
+        "dtsync_resync_unanswered_since_timestamp_seconds",
     }
     assert wanted <= set(used), wanted - set(used)
     exprs = [e for _, e in dashboard_expressions(board)]
@@ -260,7 +265,8 @@ def test_panels_are_wired_to_the_datasource_variable_and_the_per_twin_repeat() -
     rows = [p for p in panels if p["type"] == "row"]
     assert [r.get("repeat") for r in rows if r.get("repeat")] == ["cell"]
     per_twin = [p for p in panels if p.get("repeat") == "twin"]
-    assert {p["title"] for p in per_twin} >= {"Mismatch of $twin", "Bounds of $twin", "Samples and coverage of $twin"}
+    assert {p["title"] for p in per_twin} >= {"Mismatch of $twin", "Bounds of $twin", "Samples and coverage of $twin",
+                                              "Resyncs of $twin"}  # fmt: skip
     for panel in per_twin:  # a repeated panel shows its own twin only
         assert all('cell="$cell", twin="$twin"' in t["expr"] for t in panel["targets"]), panel["title"]
     (mismatch,) = [p for p in per_twin if p["title"] == "Mismatch of $twin"]

@@ -322,6 +322,7 @@ def test_acl_refuses_what_each_user_is_not_granted(secure: Secure) -> None:
             (producer, "dtsync/cell-2/real"),  # another cell's stream
             (producer, "dtsync/cell-2/twin/faithful"),
             (producer, "dtsync/cell-1/twin/drifting/resync"),  # a forged resync event
+            (producer, "dtsync/cell-1/twin/drifting/resynced"),  # a forged acknowledgement: controllers only
             (producer, "dtsync/cell-1/twin/drifting/status"),
             (producer, "dtsync/_daemon/test/status"),  # forged liveness
             (controller, "dtsync/cell-1/real"),  # controllers only read
@@ -334,6 +335,10 @@ def test_acl_refuses_what_each_user_is_not_granted(secure: Secure) -> None:
                 topic,
             )
         assert other.publish("dtsync/cell-2/real", b'{"s": 0, "a": 0, "r": 0, "s_next": 1}') in (0, 0x10)
+        ack = b'{"event_id": "none-of-ours", "twin_version": "2"}'
+        assert controller.publish("dtsync/cell-1/twin/drifting/resynced", ack) in (0, 0x10)  # a controller may ack
+        wait_for(lambda: secure.daemon.metric("dtsync_rejected_total", reason="ack_unknown_event") == 1, 10,
+                 "the daemon to read the controller's ack (and refuse it: not an event it raised)")  # fmt: skip
         daemon = secure.daemon
         wait_for(
             lambda: daemon.metric("dtsync_transitions_received_total", cell="cell-2", stream="real") == 1,

@@ -69,6 +69,7 @@ def test_every_alert_is_documented_and_has_firing_and_quiet_cases() -> None:
         "DtsyncComputeSlowerThanSchedule",
         "DtsyncEvaluationsDeferred",
         "DtsyncEvaluationStale",
+        "DtsyncResyncNotAcknowledged",
     }
     rules = {r["alert"]: r for r in alert_rules()}
     assert set(rules) == wanted

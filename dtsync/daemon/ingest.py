@@ -17,6 +17,7 @@ import structlog
 
 from dtsync.config import MqttSettings
 from dtsync.contract import REJECT_REASONS, Transition, decode_payload
+from dtsync.daemon.acks import ACK_REASONS
 from dtsync.daemon.metrics import DaemonMetrics
 from dtsync.daemon.topics import REAL, Topics
 from dtsync.encoding import ENCODING_REASONS
@@ -27,7 +28,7 @@ log = structlog.get_logger("dtsync.daemon")
 
 # Every reason a message or transition can be refused for: the fixed label set of dtsync_rejected_total.
 REJECT_REASONS_ALL = (*REJECT_REASONS, *ENCODING_REASONS, "too_many_labels", "clock_skew", "unknown_stream",
-                      "not_owned", "internal_error")  # fmt: skip
+                      "not_owned", "stale_version", *ACK_REASONS, "internal_error")  # fmt: skip
 
 Evaluate = Callable[[CellMonitor, str, float], None]
 

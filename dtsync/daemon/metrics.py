@@ -23,9 +23,10 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from dtsync import __version__
 from dtsync.monitor import Report
 
-TWIN_STATES = ["warming", "ok", "drifted"]
+TWIN_STATES = ["warming", "ok", "drifted", "resyncing"]
 _COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PER_TWIN = ("cell", "twin")
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class DaemonMetrics:
@@ -93,6 +94,29 @@ class DaemonMetrics:
             "dtsync_state_snapshot_seconds", "Time to write one state snapshot (windows, triggers), fsync included.",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0), registry=r,
         )  # fmt: skip
+        # Resyncs (dtsync.resync, dtsync.daemon.acks). The version label is the one value taken from the wire: at
+        # most 64 characters, and one series per twin (the previous version's series is removed).
+        self.resync_latency = Histogram(
+            "dtsync_resync_latency_seconds", "Time from a resync event to the controller's acknowledgement.",
+            _PER_TWIN, buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.resyncs = Counter("dtsync_resyncs", "Resyncs of a twin, by cause: ack or version (telemetry).",
+                               (*_PER_TWIN, "cause"), registry=r)  # fmt: skip
+        self.twin_version = gauge("dtsync_twin_version_info", "The twin's current version (value 1).",
+                                  (*_PER_TWIN, "version"))  # fmt: skip
+        self.mismatch_before = gauge("dtsync_resync_mismatch_before", "Mismatch at the last judgement before the "
+                                     "latest completed resync (NaN: never judged).")  # fmt: skip
+        self.mismatch_after = gauge("dtsync_resync_mismatch_after", "Mismatch at the first judgement on fresh data "
+                                    "after the latest completed resync (NaN: none yet).")  # fmt: skip
+        self.resync_unanswered_since = gauge(
+            "dtsync_resync_unanswered_since_timestamp_seconds",
+            "Wall time of the twin's oldest resync event not yet acknowledged (0: none waiting).",
+        )
+        self.resync_ack_timeout = gauge(
+            "dtsync_resync_ack_timeout_seconds", "daemon.resync_ack_seconds: how long an event may wait for an ack.", ()
+        )
+        self._versions: dict[tuple[str, str], str] = {}
+        self._resync_t: dict[tuple[str, str], float] = {}
         self.worker_restarts = Counter(
             "dtsync_worker_restarts", "Metric worker processes that died and were replaced.", registry=r
         )
@@ -116,6 +140,12 @@ class DaemonMetrics:
             self.evaluations_deferred.labels(cell, twin)
             self.twin_state.labels(cell, twin).state("warming")
             self.last_evaluation.labels(cell, twin).set(since)  # never evaluated reads as stale from `since`
+            self.resync_unanswered_since.labels(cell, twin).set(0.0)
+            self.resync_latency.labels(cell, twin)
+            self.mismatch_before.labels(cell, twin).set(math.nan)  # NaN: no resync completed yet
+            self.mismatch_after.labels(cell, twin).set(math.nan)
+            for cause in ("ack", "version"):
+                self.resyncs.labels(cell, twin, cause)
         for stream in ("real", *twins):
             self.transitions.labels(cell, stream)
             self.last_transition.labels(cell, stream).set(since)
@@ -141,6 +171,24 @@ class DaemonMetrics:
         self.compute_seconds.labels(*labels).observe(f.compute_seconds)
         if report.fired:
             self.resync_events.labels(*labels).inc()
+        self.twin_version_changed(*labels, report.version)
+        r = report.resync
+        if report.resynced and r is not None:
+            self.mismatch_before.labels(*labels).set(_or_nan(r.mismatch_before))
+            self.mismatch_after.labels(*labels).set(_or_nan(r.mismatch_after))
+        if r is not None and self._resync_t.get(labels) != r.t:  # a resync this twin's records had not shown yet
+            self._resync_t[labels] = r.t
+            self.resyncs.labels(*labels, r.cause).inc()
+
+    def twin_version_changed(self, cell: str, twin: str, version: str | None) -> None:
+        """One dtsync_twin_version_info series per twin: the current version's."""
+        old = self._versions.get((cell, twin))
+        if version is None or version == old:
+            return
+        if old is not None:
+            self.twin_version.remove(cell, twin, old)
+        self._versions[(cell, twin)] = version
+        self.twin_version.labels(cell, twin, version).set(1)
 
     def forget_twin(self, cell: str, twin: str) -> None:
         """Drop a removed twin's series (config reload), so dashboards do not show a frozen last value."""
@@ -149,6 +197,7 @@ class DaemonMetrics:
             self.regret_bound, self.regret_estimate, self.threshold, self.coverage, self.last_evaluation,
             self.interval_low, self.interval_high, self.p_value,
             self.twin_state, self.resync_events, self.compute_seconds, self.evaluations_deferred,
+            self.resync_latency, self.mismatch_before, self.mismatch_after, self.resync_unanswered_since,
         ):  # fmt: skip
             try:
                 metric.remove(cell, twin)
@@ -159,6 +208,15 @@ class DaemonMetrics:
                 self.window_samples.remove(cell, twin, window)
             except KeyError:
                 pass
+        for cause in ("ack", "version"):
+            try:
+                self.resyncs.remove(cell, twin, cause)
+            except KeyError:
+                pass
+        self._resync_t.pop((cell, twin), None)
+        version = self._versions.pop((cell, twin), None)
+        if version is not None:
+            self.twin_version.remove(cell, twin, version)
 
     def forget_stream(self, cell: str, stream: str) -> None:
         """Drop a removed stream's series, so its staleness alert does not fire forever."""

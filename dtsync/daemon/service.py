@@ -30,6 +30,7 @@ import structlog
 from dtsync import __version__
 from dtsync.config import Config, ConfigError, load_config
 from dtsync.daemon import state
+from dtsync.daemon.acks import Acks
 from dtsync.daemon.cluster import Cluster
 from dtsync.daemon.compute import ComputePool
 from dtsync.daemon.connection import Connection
@@ -89,10 +90,12 @@ class Daemon:
         self.outbox = Outbox(settings.outbox_file())
         self.delivery = Delivery(self.outbox, self.metrics, lambda: self.link.client, config.mqtt)
         self.state_path = settings.state_file()
+        self.acks = Acks(self.monitors, self.topics, self.metrics, self.ingest.stream_time, self.save_state)
+        self.metrics.resync_ack_timeout.set(settings.resync_ack_seconds)
         cell_dir = settings.state_directory()
         self.cell_snapshots = None if cell_dir is None else CellSnapshots(
             cell_dir, self.state_path, self.monitors, self.ingest, self.board, self.outbox, self.delivery,
-            self.metrics.snapshot_seconds.observe)  # fmt: skip
+            self.acks, self.metrics.snapshot_seconds.observe)  # fmt: skip
         self.cluster = None if config.coordination is None else Cluster(self, config.coordination)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.server: MetricsServer | None = None
@@ -119,6 +122,7 @@ class Daemon:
         for cell, t in clocks.items():
             self.ingest.clock[cell] = (t, mono)
         self.board.last_event.update(last_events)
+        self.acks.restore(saved.raised, self.delivery.pending_by_twin())
         log.info("state restored", path=str(self.state_path), age_seconds=round(time.time() - saved.saved_at, 1),
                  twins=[f"{c}/{t}" for c, t in state.restored_twins(self.monitors, saved)])  # fmt: skip
 
@@ -130,7 +134,8 @@ class Daemon:
         clocks = {cell: self.ingest.stream_time(cell) for cell in self.ingest.clock if cell in self.monitors}
         started = time.perf_counter()
         try:
-            state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event))
+            state.write(self.state_path, state.capture(self.namespace, self.monitors, clocks, self.board.last_event,
+                                                       raised=self.acks.capture()))  # fmt: skip
         except Exception as e:  # a full disk, or a bug: the service goes on (the previous snapshot stays)
             log.error("state snapshot not written", path=str(self.state_path), error=repr(e))
             return
@@ -262,7 +267,10 @@ class Daemon:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
-            self.ingest.handle(topic, payload)
+            if self.topics.parse_ack(topic) is not None:
+                self.acks.handle(topic, payload)
+            else:
+                self.ingest.handle(topic, payload)
         except Exception:  # a bug must not stop the service: count it, log it (rate-limited), go on
             self.metrics.rejected.labels("internal_error").inc()
             if self.ingest.rejects.log(log, "internal_error", topic=topic):
@@ -272,6 +280,7 @@ class Daemon:
         await asyncio.wait_for(self.delivery.flush(), STOP_FLUSH_SECONDS)
 
     def _on_report(self, report: Report) -> None:
+        self.acks.on_report(report)
         if report.fired and report.event_id is not None:
             self._raise_event(report)
         status = self.board.from_report(report)

@@ -1,8 +1,9 @@
 """Per-cell snapshots in one directory (``daemon.state_dir``): a crash-safe file per cell, ``<cell>.snapshot``.
 
 Why per cell: under ``coordination`` a cell moves between instances, and its next owner must restore that cell
-alone (windows, labels, triggers with their episode count, the cell's event namespace, and the events raised
-for it that were not yet acknowledged) from the file its last owner wrote. Each file has the format and the
+alone (windows, labels, triggers with their episode count, the cell's event namespace, the events raised
+for it that were not yet delivered, and the events a controller may still acknowledge) from the file its last
+owner wrote. Each file has the format and the
 checks of :mod:`dtsync.daemon.state` (a ``DaemonState`` holding one cell), ``.prev`` fallback included.
 
 Stable event ids: each cell has its own event namespace, drawn when the cell first gets a file and kept in it,
@@ -29,6 +30,7 @@ from pathlib import Path
 import structlog
 
 from dtsync.daemon import state
+from dtsync.daemon.acks import Acks
 from dtsync.daemon.delivery import Delivery
 from dtsync.daemon.health import StatusBoard
 from dtsync.daemon.ingest import Ingest
@@ -55,7 +57,7 @@ class CellSnapshots:
     """Restores and saves the cells in ``monitors`` one file each; the daemon's pieces are shared, not copied."""
 
     def __init__(self, directory: Path, legacy: Path, monitors: dict[str, CellMonitor], ingest: Ingest,
-                 board: StatusBoard, outbox: Outbox, delivery: Delivery,
+                 board: StatusBoard, outbox: Outbox, delivery: Delivery, acks: Acks,
                  observe: Callable[[float], None]) -> None:  # fmt: skip
         self.directory = directory
         self.legacy = legacy
@@ -64,6 +66,7 @@ class CellSnapshots:
         self.board = board
         self.outbox = outbox
         self.delivery = delivery
+        self.acks = acks  # raised events travel with their cell: its next owner accepts their acknowledgements
         self.observe = observe  # seconds one snapshot took (the daemon's histogram)
         self._legacy: state.DaemonState | None | bool = False  # False: not read yet
 
@@ -99,6 +102,7 @@ class CellSnapshots:
             if ev.expires_at > now:
                 self.delivery.add(PendingEvent(ev.event_id, ev.topic, ev.payload, ev.expires_at))
         clocks, last_events = state.apply(saved, {cell: mon}, self.delivery.pending_by_twin())
+        self.acks.restore([e for e in saved.raised if e.cell == cell], self.delivery.pending_by_twin())
         if not (len(mon.real) or any(len(tm.window) for tm in mon.twins.values())):
             return False  # skipped (encoder changed, bad content) or empty: fresh
         mono = time.monotonic()
@@ -128,7 +132,8 @@ class CellSnapshots:
             if mon is None:
                 continue
             clocks = {cell: self.ingest.stream_time(cell)} if cell in self.ingest.clock else {}
-            snap = state.capture(mon.event_namespace, {cell: mon}, clocks, last_events, pending)
+            raised = [e for e in self.acks.capture() if e.cell == cell]
+            snap = state.capture(mon.event_namespace, {cell: mon}, clocks, last_events, pending, raised)
             try:
                 state.write(cell_file(self.directory, cell), snap)
             except Exception as e:  # a full disk, an unreachable share: the service goes on, loudly

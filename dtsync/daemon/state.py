@@ -34,7 +34,9 @@ import msgspec
 import numpy as np
 import structlog
 
+from dtsync.daemon.acks import RaisedEvent
 from dtsync.monitor import CellMonitor
+from dtsync.resync import TwinSync
 from dtsync.window import SlidingWindow
 
 log = structlog.get_logger("dtsync.daemon")
@@ -66,6 +68,7 @@ class TwinState(msgspec.Struct, frozen=True):
     evaluations: int
     last_event_id: str | None
     episodes: int = 0  # drift episodes fired so far: the next event's id is derived from episodes + 1
+    sync: TwinSync | None = None  # version and latest resync (dtsync.resync)
 
 
 class EventState(msgspec.Struct, frozen=True):
@@ -91,6 +94,7 @@ class DaemonState(msgspec.Struct, frozen=True):
     saved_at: float
     namespace: str
     cells: dict[str, CellState]
+    raised: list[RaisedEvent] = []  # events raised, for acknowledgements (dtsync.daemon.acks)
 
 
 def _window_state(window: SlidingWindow) -> WindowState:
@@ -106,8 +110,8 @@ def _label(label: Hashable) -> Label:
 
 
 def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict[str, float],
-            last_events: dict[tuple[str, str], str],
-            pending: dict[str, list[EventState]] | None = None) -> DaemonState:  # fmt: skip
+            last_events: dict[tuple[str, str], str], pending: dict[str, list[EventState]] | None = None,
+            raised: Iterable[RaisedEvent] = ()) -> DaemonState:  # fmt: skip
     """Everything a restart needs, read from the monitors (cheap: copies of the live columns)."""
     cells = {}
     for cell, mon in monitors.items():
@@ -115,7 +119,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
         for name, tm in mon.twins.items():
             armed, fired = tm.trigger.state()
             twins[name] = TwinState(_window_state(tm.window), armed, fired, tm.evaluations,
-                                    last_events.get((cell, name)), tm.episodes)  # fmt: skip
+                                    last_events.get((cell, name)), tm.episodes, tm.sync)  # fmt: skip
         bins = mon.encoder_bins()
         cells[cell] = CellState(
             bins=None if bins is None else [list(b) for b in bins],
@@ -126,7 +130,7 @@ def capture(namespace: uuid.UUID, monitors: dict[str, CellMonitor], clocks: dict
             twins=twins,
             pending=(pending or {}).get(cell, []),
         )
-    return DaemonState(time.time(), str(namespace), cells)
+    return DaemonState(time.time(), str(namespace), cells, list(raised))
 
 
 def encode(state: DaemonState) -> bytes:
@@ -286,6 +290,8 @@ def _apply_cell(mon: CellMonitor, saved: CellState) -> None:
         tm.trigger.restore(twin.armed, twin.last_fired_t)
         tm.evaluations = twin.evaluations
         tm.episodes = twin.episodes
+        if twin.sync is not None:
+            tm.sync = twin.sync
         mon.retry(name)  # due at once: a restarted daemon judges without waiting for a window to fill
 
 

@@ -2,8 +2,13 @@
 
 The real network and a faithful twin run the reference testbed with the same parameters; the third stream is a
 twin whose channel model goes stale halfway through (it switches to mis-estimated channel statistics while the
-real network does not). The daemon is the real `dtsync run` process on a generated config; the view listens to
-the same status and resync topics a gNB controller would.
+real network does not). The daemon is the real `dtsync run` process on a generated config. The stale twin is run
+by the example controller (deploy/controller_example.py --testbed): when the daemon flags it, the controller
+refits it from the real network's measured steps, restarts its telemetry under a new version and acknowledges,
+which closes the loop. The view listens to the same status and resync topics a gNB controller would.
+
+The controller script lives in the source tree; without it (an installed wheel) the demo runs the stale twin
+itself and nobody resynchronises it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ CELL = "demo-cell"
 TWINS = ("faithful", "stale")
 STALE_PRESET = "misestimated-channel"
 PUBLISH_EVERY = 0.1  # seconds between telemetry batches per stream
+CONTROLLER = Path(__file__).resolve().parents[2] / "deploy" / "controller_example.py"
 
 
 def demo_config(broker: BrokerInfo, workdir: Path, metrics_port: int, rate: float) -> dict[str, Any]:
@@ -62,6 +68,8 @@ def demo_config(broker: BrokerInfo, workdir: Path, metrics_port: int, rate: floa
 class TwinView:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    resyncs: dict[str, dict[str, Any]] = field(default_factory=dict)  # event id -> the resync that answered it
+    states: list[tuple[float, str]] = field(default_factory=list)  # (wall time, state) at each change
 
 
 @dataclass
@@ -72,10 +80,12 @@ class DemoResult:
     broker: str
     metrics_url: str
     daemon_exit: int | None
+    controller: bool = True  # the example controller runs the stale twin (else the demo does, unresynchronised)
 
 
-async def publish_testbed(settings: Any, rate: float, duration: float, started: float) -> None:
-    """The real network, the faithful twin and the stale twin, paced to the wall clock (t = send time)."""
+async def publish_testbed(settings: Any, rate: float, duration: float, started: float, stale: bool) -> None:
+    """The real network, the faithful twin and (if `stale`) the stale twin, paced to the wall clock (t = send
+    time)."""
     steps = int(rate * duration) + int(rate)
     topics = Topics(settings.topic_prefix)
     real = preset("real")
@@ -87,8 +97,9 @@ async def publish_testbed(settings: Any, rate: float, duration: float, started: 
     streams = {
         topics.real(CELL): paced(real, 1),
         topics.twin(CELL, "faithful"): paced(preset("faithful"), 2),
-        topics.twin(CELL, "stale"): paced(real, 3, stale_from),
     }
+    if stale:
+        streams[topics.twin(CELL, "stale")] = paced(real, 3, stale_from)
     pending = {topic: next(gen) for topic, gen in streams.items()}
     async with make_client(settings, client_id=f"dtsync-demo-testbed-{os.getpid()}") as client:
         while pending:
@@ -126,8 +137,15 @@ async def watch_twins(settings: Any, views: dict[str, TwinView], on_change: Call
                     views[twin].events.append(body)
                     on_change(twin, "event")
             else:
-                views[twin].status = body
+                view = views[twin]
+                view.status = body
+                resync = body.get("resync") or {}
+                if resync.get("event_id") and resync.get("mismatch_after") is not None:
+                    view.resyncs[resync["event_id"]] = resync
                 on_change(twin, "status")
+                if not view.states or view.states[-1][1] != body.get("state"):
+                    view.states.append((time.time(), str(body.get("state"))))
+                    on_change(twin, "state")
 
 
 async def run_demo(
@@ -150,12 +168,16 @@ async def run_demo(
             daemon = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dtsync.cli", "run", "--config", str(config_path), stdout=log, stderr=log
             )
-            on_start(result, f"broker: {broker.kind} on 127.0.0.1:{broker.port}; daemon pid {daemon.pid}; "
+            controller = await _controller(broker, settings, rate, duration, started, log)
+            result.controller = controller is not None
+            ctl = f"controller pid {controller.pid}" if controller else "no controller (deploy/ not found)"
+            on_start(result, f"broker: {broker.kind} on 127.0.0.1:{broker.port}; daemon pid {daemon.pid}; {ctl}; "
                              f"metrics: {result.metrics_url} (while the demo runs)")  # fmt: skip
             tasks = [
                 asyncio.create_task(_retrying(lambda: watch_twins(settings, result.twins,
                                                                   lambda t, w: render(result, t, w)))),
-                asyncio.create_task(_retrying(lambda: publish_testbed(settings, rate, duration, started))),
+                asyncio.create_task(_retrying(lambda: publish_testbed(settings, rate, duration, started,
+                                                                      controller is None))),  # fmt: skip
             ]  # fmt: skip
             try:
                 await asyncio.wait_for(daemon.wait(), duration)
@@ -164,6 +186,13 @@ async def run_demo(
             finally:
                 for task in tasks:
                     task.cancel()
+                if controller is not None and controller.returncode is None:
+                    controller.send_signal(signal.SIGTERM)
+                    try:
+                        await asyncio.wait_for(controller.wait(), 10)
+                    except TimeoutError:
+                        controller.kill()
+                        await controller.wait()
                 if daemon.returncode is None:
                     daemon.send_signal(signal.SIGTERM)
                     try:
@@ -176,6 +205,20 @@ async def run_demo(
             if daemon.returncode != 0:
                 sys.stderr.write((workdir / "daemon.log").read_text()[-4000:])
             return result
+
+
+async def _controller(broker: BrokerInfo, settings: Any, rate: float, duration: float, started: float,
+                      log: Any) -> asyncio.subprocess.Process | None:  # fmt: skip
+    """The example controller, running the stale twin and resynchronising it (None: the script is not here)."""
+    if not CONTROLLER.exists():
+        return None
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(CONTROLLER), "--host", "127.0.0.1", "--port", str(broker.port), "--protocol",
+        broker.protocol, "--prefix", settings.topic_prefix, "--cell", CELL, "--client-id",
+        f"dtsync-demo-controller-{os.getpid()}", "--testbed", "--twin", "stale", "--rate", str(rate), "--seed", "3",
+        "--start-time", repr(started), "--stale-after", repr(duration / 2), "--stale-preset", STALE_PRESET,
+        stdout=log, stderr=log,
+    )  # fmt: skip
 
 
 async def _retrying(start: Callable[[], Any]) -> None:
