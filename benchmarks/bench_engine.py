@@ -23,6 +23,7 @@ machine is shared, so the load average is printed with each section.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import resource
@@ -431,17 +432,18 @@ def bench_gamma(table: Table, quick: bool) -> None:
 def memory_bound(S1: int, S2: int, A: int, K1: int, K2: int) -> int:
     """Bytes one solve allocates at its peak, inputs excluded (README, Performance):
 
-        S1 S2 A (4 nb + 24)  +  S1 S2 (16 nb + 200)  +  16 A (S1^2 + S2^2)  +  24 A (S1 K1 + S2 K2),
+        S1 S2 A (4 nb + 24)  +  S1 S2 (16 nb + 224)  +  16 A (S1^2 + S2^2)  +  24 A (S1 K1 + S2 K2),
         nb = 2 max(K1, K2) - 1.
 
     Per transport problem an int32 tree basis of nb cells and three float anchors (wb, ex, eq); per pair the
-    chosen coupling (int64 targets, float masses) and at most 25 float / int64 (S1, S2) arrays alive at once (the
+    chosen coupling (int64 targets, float masses) and at most 28 float / int64 (S1, S2) arrays alive at once (the
     workspace's act, G, exa, eqa and last d; the loop's d, F and accepted F; the fixed points kept for warm starts
-    and returned; the loop's temporaries); the validated dense copies of both P (twice when data is missing:
-    the point estimate's completions) and the sparse supports (int64 indices, float masses, support sizes).
+    and returned; the loop's temporaries; the evaluation's last change and backup, and the candidate's copy);
+    the validated dense P of both sides (and their normalised copies when data is missing: the point estimate's
+    completions) and the sparse supports (int64 indices, float masses, support sizes).
     Numba's per-thread scratch (a few K x K arrays) is not counted."""
     nb = 2 * max(K1, K2) - 1
-    return S1 * S2 * A * (4 * nb + 24) + S1 * S2 * (16 * nb + 200) + 16 * A * (S1 * S1 + S2 * S2) + 24 * A * (
+    return S1 * S2 * A * (4 * nb + 24) + S1 * S2 * (16 * nb + 224) + 16 * A * (S1 * S1 + S2 * S2) + 24 * A * (
         S1 * K1 + S2 * K2
     )
 
@@ -467,11 +469,78 @@ def bench_memory(table: Table, side: int, A: int) -> None:
               f"{bound / mib:,.0f} MiB)", peak <= bound)
 
 
+def profile_solve(name: str, pair: tuple[np.ndarray, ...], gamma: float) -> None:
+    """Where one cold solve's CPU goes (`--profile`): each kernel call wrapped in a timer and counted, the rest
+    (validation, workspace allocation, numpy between sweeps) as the remainder."""
+    dtbsm_module = importlib.import_module("dtsync.metric.dtbsm")
+    cpu: dict[str, float] = {"exact sweeps": 0.0, "evaluation sweeps": 0.0, "evaluations": 0.0, "workspace": 0.0}
+    calls: dict[str, int] = dict.fromkeys(cpu, 0)
+    counts = {"problems optimised": 0, "pivots": 0, "Gauss-Seidel passes": 0}
+    sweep, evaluate, prepare = bellman.sweep_serial, dtbsm_module.evaluate_couplings, bellman.Workspace.prepare
+
+    def timed_sweep(d, cum, m1, m2, st, g, unknown, exact, max_pivots, out):  # type: ignore[no-untyped-def]
+        before = out.stats.sum(axis=0)
+        start = time.process_time()
+        sweep(d, cum, m1, m2, st, g, unknown, exact, max_pivots, out)
+        key = "exact sweeps" if exact else "evaluation sweeps"
+        cpu[key] += time.process_time() - start
+        calls[key] += 1
+        after = out.stats.sum(axis=0)
+        counts["problems optimised"] += int(after[0] - before[0])
+        counts["pivots"] += int(after[1] - before[1])
+
+    def timed_evaluate(*args):  # type: ignore[no-untyped-def]
+        start = time.process_time()
+        passes = evaluate(*args)
+        cpu["evaluations"] += time.process_time() - start
+        calls["evaluations"] += 1
+        counts["Gauss-Seidel passes"] += passes
+        return passes
+
+    def timed_prepare(self, m1, m2):  # type: ignore[no-untyped-def]
+        start = time.process_time()
+        prepare(self, m1, m2)
+        cpu["workspace"] += time.process_time() - start
+        calls["workspace"] += 1
+
+    bellman.sweep_serial = timed_sweep
+    dtbsm_module.evaluate_couplings = timed_evaluate
+    bellman.Workspace.prepare = timed_prepare  # type: ignore[method-assign]
+    numba.set_num_threads(1)
+    try:
+        _w, total, _res = cpu_timed(lambda: dtbsm(*pair, gamma, tol=TOL))
+    finally:
+        bellman.sweep_serial = sweep
+        dtbsm_module.evaluate_couplings = evaluate
+        bellman.Workspace.prepare = prepare  # type: ignore[method-assign]
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    parts = ", ".join(f"{k} {fmt_time(v)} ({calls[k]})" for k, v in cpu.items())
+    print(f"  {name}, gamma {gamma}: {fmt_time(total)} CPU: {parts}, rest {fmt_time(total - sum(cpu.values()))}; "
+          + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+
+def profile(quick: bool) -> None:
+    rng = np.random.default_rng(SEED + 2)
+    S = 64 if quick else 256
+    R, P = random_mdp(rng, S, 16, 8, k_min=1)
+    warm_up()
+    print(f"profile of one cold solve per case, 1 thread ({load()}):")
+    profile_solve(f"random S={S} A=16 k<=8", (R, P, *perturb(rng, R, P)), 0.9)
+    Q = 100 if quick else 200
+    queue = (*queue_mdp(Q, 6, False), *queue_mdp(Q, 6, True))
+    for gamma in (0.9, 0.99):
+        profile_solve(f"queue S={Q} A=6 3 x 1", queue, gamma)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about a minute)")
+    parser.add_argument("--profile", action="store_true", help="only where the time of a cold solve goes")
     args = parser.parse_args()
     q = args.quick
+    if args.profile:
+        profile(q)
+        return
     print(f"seed {SEED}, tol {TOL:g}, {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()}, {load()}; "
           f"times are process CPU unless marked wall")
     start = time.perf_counter()

@@ -158,7 +158,10 @@ def test_bad_input_is_a_clear_error(bad: dict, message: str) -> None:
 
 @pytest.mark.parametrize(
     "kernel",
-    [bellman.sweep, bellman.sweep_serial, transport.emd, evaluation.evaluate_couplings, sparse.sparse_rows],
+    [
+        bellman.sweep, bellman.sweep_serial, transport.emd, evaluation.evaluate_couplings, sparse.sparse_rows,
+        sparse.row_summary,
+    ],
     ids=lambda k: k.__name__,
 )
 def test_kernels_release_the_gil_and_stay_cached(kernel) -> None:
@@ -300,3 +303,62 @@ def test_a_small_pivot_limit_resumes_across_sweeps_and_still_certifies() -> None
     ref, _ = dtbsm_naive(R1, P1, R2, P2, 0.9, tol=1e-10)
     assert res.certified and res.unfinished == 0 and res.error_bound <= 1e-8
     assert np.abs(res.d - ref).max() <= 1e-8
+
+
+# --- the evaluation's extrapolation: faster where the rate is steady, harmless where it is not -------------------
+
+
+def _chain(rng: np.random.Generator, S: int, nb: int, periodic: bool) -> tuple[np.ndarray, ...]:
+    """A pair chain for `evaluate_couplings` (S x S pairs, rows of nb cells) and its exact solution."""
+    n = S * S
+    base = rng.random((S, S))
+    if periodic:  # a single cycle through every pair: eigenvalues spread over the unit circle
+        tgt = np.full((S, S, nb), -1, np.int64)
+        tgt[..., 0] = ((np.arange(n) + 1) % n).reshape(S, S)
+        flw = np.zeros((S, S, nb))
+        flw[..., 0] = 1.0
+    else:
+        tgt = rng.integers(0, n, size=(S, S, nb))
+        flw = rng.random((S, S, nb))
+        flw /= flw.sum(axis=-1, keepdims=True)
+    M = np.zeros((n, n))
+    for t in range(n):
+        for pos in range(nb):
+            if tgt.reshape(n, nb)[t, pos] >= 0:
+                M[t, tgt.reshape(n, nb)[t, pos]] += flw.reshape(n, nb)[t, pos]
+    return base, tgt, flw, M
+
+
+@pytest.mark.parametrize("periodic", [False, True], ids=["mixing", "periodic"])
+@pytest.mark.parametrize("gamma", [0.9, 0.99])
+def test_evaluation_reaches_the_linear_solution(periodic: bool, gamma: float) -> None:
+    """x = base + gamma M x to within the stopping tolerance scaled by the tail, however the rate behaves (a
+    periodic chain defeats the extrapolation, which must then undo itself, not diverge)."""
+    rng = np.random.default_rng(5)
+    base, tgt, flw, M = _chain(rng, 12, 3, periodic)
+    exact = np.linalg.solve(np.eye(M.shape[0]) - gamma * M, base.ravel()).reshape(base.shape)
+    x = np.zeros_like(base)
+    tol = 1e-11
+    passes = evaluation.evaluate_couplings(x, base, tgt, flw, gamma, tol, 100_000)
+    assert passes < 100_000
+    assert np.all(np.isfinite(x))
+    assert np.abs(x - exact).max() <= 10 * tol / (1 - gamma)
+
+
+def test_extrapolation_saves_passes_on_a_mixing_chain() -> None:
+    """After the same 40 passes at gamma 0.99, the extrapolated error is a fraction of plain Gauss-Seidel's
+    (written out here)."""
+    rng = np.random.default_rng(6)
+    base, tgt, flw, M = _chain(rng, 12, 3, False)
+    gamma = 0.99
+    exact = np.linalg.solve(np.eye(M.shape[0]) - gamma * M, base.ravel()).reshape(base.shape)
+    x = np.zeros_like(base)
+    evaluation.evaluate_couplings(x, base, tgt, flw, gamma, -1.0, 40)
+    plain = np.zeros_like(base)
+    for _ in range(40):  # plain Gauss-Seidel, written out
+        flat = plain.ravel()
+        for t in range(flat.size):
+            cells = tgt.reshape(-1, 3)[t]
+            flat[t] = base.ravel()[t] + gamma * float(flw.reshape(-1, 3)[t] @ flat[cells])
+        plain = flat.reshape(base.shape)
+    assert np.abs(x - exact).max() < 0.25 * np.abs(plain - exact).max()  # measured: 3.1 against 26.0
