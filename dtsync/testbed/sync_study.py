@@ -12,7 +12,8 @@ Setup, all on the reference testbed's simulator:
   factors are relative to the base parameters, so regimes stay in one bounded family.
 - **A resync** refits the twin (:func:`dtsync.testbed.variants.fitted`) from ``fit_samples`` measured steps of
   the real network's *current* regime and restarts the twin's telemetry: a fresh twin window, a fresh trigger
-  (what an acknowledged resync does in the daemon). Resyncs are instant; both policies get the same fits.
+  (:meth:`CellMonitor.resynced`, what an acknowledgement does in the daemon). Resyncs are instant; policies
+  that refit at the same step get the same fit.
 - **Triggered**: the real and twin telemetry stream through the same :class:`dtsync.monitor.CellMonitor` the
   daemon runs (default evidence rule), evaluated every ``eval_every`` steps; a fired event is a resync.
 - **Periodic(P)**: a resync every P steps, whatever the twin's state (no monitor needed).
@@ -111,17 +112,16 @@ class SyncSetup:
         if not 0.0 < self.gamma < 1.0 or self.threshold <= 0:
             raise ValueError("gamma must lie in (0, 1) and threshold be positive")
 
-    def monitor_config(self, twin: str) -> dict[str, Any]:
-        """The daemon's configuration for the triggered policy (one twin, ``twin``): the defaults apart from the
-        window, the threshold and a cooldown of one window."""
-        cooldown = self.window * self.step_seconds  # one window: a fresh twin window is never judged twice
+    def monitor_config(self) -> dict[str, Any]:
+        """The daemon's configuration for the triggered policy: the defaults apart from the window and the
+        threshold (re-arming below half of it)."""
         return {
             "gamma": self.gamma,
             "window": {"count": self.window},
             "schedule": {"every_seconds": 1e9},  # evaluations are called explicitly, every eval_every steps
             "trigger": {"threshold": self.threshold, "rearm_below": 0.5 * self.threshold,
-                        "cooldown_seconds": cooldown, "min_samples": self.window // 10},  # fmt: skip
-            "cells": {CELL: {"twins": {twin: {}}}},
+                        "min_samples": self.window // 10},  # fmt: skip
+            "cells": {CELL: {"twins": {TWIN: {}}}},
         }
 
 
@@ -309,8 +309,7 @@ def _stream(params: TestbedParams, start: int, steps: int, seed: int, step_secon
 def _triggered(regs: list[Regime], first: TestbedParams, setup: SyncSetup, exact: _Exact,
                progress: Callable[[int], None] | None) -> PolicyResult:  # fmt: skip
     """Stream both networks through the daemon's monitor; every fired event refits the twin."""
-    monitor = CellMonitor(CELL, parse_config(setup.monitor_config(_version(0))))
-    version = 0  # each resync is a new twin version: a fresh window and trigger, as an acknowledged resync
+    monitor = CellMonitor(CELL, parse_config(setup.monitor_config()))
     resyncs: list[int] = []
     fits = [first]
     seeds = np.random.default_rng([setup.seed, 1]).integers(2**31, size=len(regs) + 1).tolist()
@@ -324,7 +323,7 @@ def _triggered(regs: list[Regime], first: TestbedParams, setup: SyncSetup, exact
         if any(r.start == step for r in regs):
             i = next(i for i, r in enumerate(regs) if r.start == step)
             real = _stream(regs[i].params, step, setup.steps - step, seeds[i], setup.step_seconds)
-        for stream, source in ((REAL, real), (_version(version), twin)):
+        for stream, source in ((REAL, real), (TWIN, twin)):
             for _ in monitor.ingest(stream, list(islice(source, chunk)), 0.0, rejected):
                 pass  # the schedule never comes due: evaluations happen below, every eval_every steps
         step += chunk
@@ -334,18 +333,15 @@ def _triggered(regs: list[Regime], first: TestbedParams, setup: SyncSetup, exact
             progress(chunk)
         if step % setup.eval_every or step >= setup.steps:
             continue
-        report = monitor.evaluate(_version(version), step * setup.step_seconds)
-        if report.fired:
+        now = step * setup.step_seconds
+        report = monitor.evaluate(TWIN, now)
+        if report.fired:  # the controller refits and acknowledges at once: what an ack does in the daemon
             resyncs.append(step)
             fits.append(refit(_regime_at(regs, step), setup, step))
-            version += 1
-            monitor.reconfigure(parse_config(setup.monitor_config(_version(version))))
-            twin = _stream(fits[-1], step, setup.steps - step, seeds[-1] + version, setup.step_seconds)
+            monitor.resynced(TWIN, now, cause="ack", version=f"v{len(resyncs)}", event_id=report.event_id,
+                             event_t=report.t, latency=0.0)  # fmt: skip
+            twin = _stream(fits[-1], step, setup.steps - step, seeds[-1] + len(resyncs), setup.step_seconds)
     return _score("triggered (dtsync)", None, resyncs, fits, regs, setup, exact)
-
-
-def _version(k: int) -> str:
-    return f"{TWIN}-v{k}"
 
 
 def run_sync_study(setup: SyncSetup, base: TestbedParams | None = None, *, changes: list[Regime] | None = None,
