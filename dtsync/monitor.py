@@ -542,7 +542,7 @@ class CellMonitor:
 
     def _free_if_evicted(self) -> bool:
         """A table is full: free labels if anything left a window since the last try (so a flood of labels
-        that stay live costs one scan per eviction, not one per rejected transition); True if it tried."""
+        that stay live costs one scan per eviction, not one per rejected transition); True if any was freed."""
         if self._freed_at == self._evictions():
             return False
         return self.free_labels() > 0
