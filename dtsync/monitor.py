@@ -13,9 +13,9 @@ resync events, status messages and Prometheus gauges all read it.
 
 What is compared: the labels *present in the windows now* (a state seen as s or s' in either window). A label
 seen once long ago and gone from both windows carries no data; leaving it in would pin the pessimistic bound
-at Rbar/(1-gamma) for ever. Labels that no window of the cell holds any more are freed from its encoder at each
-snapshot, and before a batch that could overflow a full table (`free_labels`), so the caps bound the labels
-live now and an evaluation's dense arrays follow them, not the history.
+at Rbar/(1-gamma) for ever. Labels that no window of the cell holds any more are freed from its encoder
+(`free_labels`) at the first snapshot after the windows have turned over, and when a full table refuses a
+label, so the caps bound the labels live now and an evaluation's dense arrays follow them, not the history.
 """
 
 from __future__ import annotations
@@ -438,9 +438,9 @@ class CellMonitor:
             return
         window = self.real if stream == REAL else self.twins[stream].window
         affected = list(self.twins.values()) if stream == REAL else [self.twins[stream]]
-        if self._may_overflow(len(transitions)):
-            self._free_if_evicted()
         ss, aa, nn, kept, bad = self.encoding.encode_many(transitions)
+        if any(reason == "too_many_labels" for _, reason in bad) and self._free_if_evicted():
+            ss, aa, nn, kept, bad = self.encoding.encode_many(transitions)  # nothing of the batch was added yet
         rejected.extend(bad)
         # The batch's indices, not yet all in the window while the caller snapshots at a yield: free_labels
         # keeps their labels and rewrites them in place with the windows'.
@@ -540,6 +540,15 @@ class CellMonitor:
         """Samples evicted from the cell's windows so far: unchanged, no label can have become free."""
         return self.real.arrivals + sum(tm.window.arrivals for tm in self.twins.values())
 
+    def _turned_over(self) -> bool:
+        """Have the cell's windows evicted as many samples as they hold since the last free_labels? Freeing at
+        the snapshots where they have keeps its scan at O(1) per transition; a label is freed within about one
+        turnover of the windows after it left them."""
+        if self._freed_at is None:
+            return True
+        held = len(self.real) + sum(len(tm.window) for tm in self.twins.values())
+        return not 0 <= self._evictions() - self._freed_at < max(held, 1)
+
     def _free_if_evicted(self) -> bool:
         """A table is full: free labels if anything left a window since the last try (so a flood of labels
         that stay live costs one scan per eviction, not one per rejected transition); True if any was freed."""
@@ -547,22 +556,15 @@ class CellMonitor:
             return False
         return self.free_labels() > 0
 
-    def _may_overflow(self, n: int) -> bool:
-        """Could `n` transitions add more labels than a capped table has room for?"""
-        enc = self.encoding
-        states, actions = enc.states.max_size, enc.actions.max_size
-        return (states is not None and len(enc.states) + 2 * n > states) or (
-            actions is not None and len(enc.actions) + n > actions
-        )
-
     def snapshot(self, twin: str, now: float) -> Snapshot:
         """Freeze both windows of `twin` at time `now` (time windows evict up to `now` first, then labels no
-        window holds are freed)."""
+        window holds are freed, if the windows have turned over since the last time)."""
         tm = self.twins[twin]
         for window in (self.real, tm.window):
             if len(window) and window.max_seconds is not None:
                 window.advance(now)
-        self.free_labels()
+        if self._turned_over():
+            self.free_labels()
         S, A = len(self.encoding.states), len(self.encoding.actions)
         tm.new_transitions = 0
         tm.last_eval_t = now

@@ -161,7 +161,11 @@ def test_labels_that_left_every_window_are_freed_so_the_caps_bound_the_live_set(
     for stream, window in ((REAL, monitor.real), ("a", monitor.twins["a"].window)):
         assert _decoded(monitor, window) == [(tr.s, tr.a, tr.r, tr.s_next) for tr in sent[stream][-20:]]
     held = {x for w in (monitor.real, monitor.twins["a"].window) for row in _decoded(monitor, w) for x in row[::3]}
-    assert set(monitor.encoding.states.labels) == held
+    assert held <= set(monitor.encoding.states.labels)  # what left since the windows last turned over waits
+    before = len(monitor.encoding.states) + len(monitor.encoding.actions)
+    freed = monitor.free_labels()
+    assert set(monitor.encoding.states.labels) == held and monitor.encoding.actions.labels == ["a49"]
+    assert freed == before - len(held) - 1
 
 
 def test_freeing_labels_leaves_the_evaluation_as_a_fresh_monitor_sees_the_same_windows() -> None:
