@@ -41,7 +41,7 @@ bench-daemon: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py
 
 # Ten minutes of 5,000 transitions/s with a broker restart every 20 s: RSS, descriptors, events raised vs
-# delivered (`make soak SOAK_SECONDS=60` for the short version; the suite runs the daemon-SIGKILL soak).
+# delivered (`make soak SOAK_SECONDS=60` for the short version; the suite runs 30-50 s versions of both soaks).
 soak: system-deps $(STAMP)
 	$(BIN)/python benchmarks/soak.py --seconds $${SOAK_SECONDS:-600} --check
 

@@ -1,9 +1,10 @@
 """Soak: the real daemon under steady load and broker restarts; memory, descriptors and events over time.
 
-    .venv/bin/python benchmarks/soak.py --seconds 600            # `make soak`
-    .venv/bin/python benchmarks/soak.py --seconds 60 --check     # the CI version (tests/test_daemon_soak.py)
+    .venv/bin/python benchmarks/soak.py --seconds 600 --check    # `make soak`
+    .venv/bin/python benchmarks/soak.py --seconds 30 --restart-every 8 --sink-delay 4 --check   # in the suite
+    .venv/bin/python benchmarks/soak.py --seconds 60 --check --keep DIR   # keep every log (broker: each packet)
 
-A private Mosquitto (persistence on, so a restart keeps the subscriber's session), `dtsync run` with two cells
+A private Mosquitto (persistence on, so a clean restart keeps the subscriber's session), `dtsync run` with two cells
 of one twin each, and publisher threads feeding `--rate` transitions/s in batches over the four streams. Each
 twin alternates every `--period` seconds between the real network's behaviour and a reward offset of 1, so its
 trigger fires and re-arms over and over: every firing is a resync event to deliver. The broker is restarted
@@ -14,13 +15,24 @@ persistent-session subscriber collects the events; events raised are the ids the
 Every `--sample` seconds it reads VmRSS of the daemon and its workers and the daemon's open descriptors
 (/proc), and prints them; at the end the least-squares slope of each over the second half of the run (after
 warm-up), and events raised (the daemon's dtsync_resync_events_total) against distinct event ids delivered.
-With --check it exits 1 if an event was lost, or if RSS grows faster than --max-rss-slope MiB/min or the
-descriptor count by more than --max-fd-growth over the second half.
+With --check it exits 1 if an event was lost, if the broker came back without the subscriber's session, or if
+RSS grows faster than --max-rss-slope MiB/min or the descriptor count by more than --max-fd-growth over the
+second half.
+
+What is checked is what the pieces guarantee together: the daemon keeps each event in its outbox until the
+broker's PUBACK (so it reaches the broker at least once, across outages and daemon kills); the broker hands
+what it acknowledged to a subscriber with a persistent session, across its own restarts only as far as it
+saved that session: Mosquitto saves it on a clean stop (SIGTERM, as here) and every `autosave_interval`
+(after a `kill -9`, what it acknowledged since the last save is gone). A subscriber that comes back to a
+broker without its session misses what was published before it subscribed again, which is why a lost
+session fails the check by itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import json
 import random
 import signal
@@ -118,21 +130,39 @@ class Feeder(threading.Thread):
 class EventSink:
     """A persistent-session subscriber: events published while it reconnects are queued by the broker."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, log: Path | None = None, delay: float = 0.1) -> None:
         self.ids: set[str] = set()
         self.lock = threading.Lock()
+        self.connects = 0
+        self.sessions_lost = 0  # reconnects the broker answered without the session: what it queued is gone
+        self.log = log.open("a", buffering=1) if log is not None else None
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="soak-sink", protocol=paho.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe("dtsync/+/twin/+/resync", qos=1)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda c, u, flags, rc, props: self._note(f"disconnected {rc}")
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(delay, max(delay, 0.5))
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
 
-    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+    def _note(self, line: str) -> None:
+        if self.log is not None:
+            self.log.write(f"{time.time():.3f} {line}\n")
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags, rc: object,
+                    props: object) -> None:  # fmt: skip
+        self._note(f"connected {rc} session_present={flags.session_present}")
         with self.lock:
-            self.ids.add(json.loads(msg.payload)["event_id"])
+            self.connects += 1
+            self.sessions_lost += self.connects > 1 and not flags.session_present
+        client.subscribe("dtsync/+/twin/+/resync", qos=1)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        event_id = json.loads(msg.payload)["event_id"]
+        self._note(f"message {event_id} mid={msg.mid} dup={msg.dup} {msg.topic}")
+        with self.lock:
+            self.ids.add(event_id)
 
     def count(self) -> int:
         with self.lock:
@@ -145,6 +175,8 @@ class EventSink:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+        if self.log is not None:
+            self.log.close()
 
 
 def main() -> int:
@@ -159,13 +191,26 @@ def main() -> int:
     p.add_argument("--check", action="store_true")
     p.add_argument("--max-rss-slope", type=float, default=5.0, help="MiB per minute, second half")
     p.add_argument("--max-fd-growth", type=int, default=5, help="descriptors, second half")
+    p.add_argument("--sink-delay", type=float, default=0.1,
+                   help="the subscriber's reconnect delay (s): it is away that long after each broker restart, "
+                   "and gets what was published meanwhile only from its persistent session")  # fmt: skip
+    p.add_argument("--keep", type=Path, help="work in this directory and keep it: the daemon's, the broker's "
+                   "(every packet) and the subscriber's logs, the outbox")  # fmt: skip
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="dtsync-soak-") as tmp:
-        workdir = Path(tmp)
-        broker = Mosquitto(workdir)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dtsync-soak-")))
+        broker = Mosquitto(workdir, "log_type all\nlog_timestamp_format %H:%M:%S\n" if args.keep else "")
+        # Persistence only works if the broker can write its directory: started as root, Mosquitto switches to
+        # user "mosquitto", who cannot write the 0700 work directory, and then restarts with no sessions at all
+        # (the subscriber then misses every event raised before it re-subscribes). `user <us>` keeps it as us.
         broker.conf.write_text(broker.conf.read_text().replace(
-            "persistence false", f"persistence true\npersistence_location {workdir}/"))  # fmt: skip
+            "persistence false",
+            f"persistence true\npersistence_location {workdir}/\nuser {getpass.getuser()}"))  # fmt: skip
         broker.start()
         config = daemon_config(broker.port, workdir, window={"count": 2000},
                                schedule={"every_transitions": 1000, "every_seconds": 1.0},
@@ -179,7 +224,7 @@ def main() -> int:
         sink = feeder = None
         try:
             daemon.wait_connected(60)
-            sink = EventSink(broker.port)
+            sink = EventSink(broker.port, workdir / "sink.log" if args.keep else None, args.sink_delay)
             feeder = Feeder(broker.port, args.rate, args.period)
             feeder.start()
             started = time.monotonic()
@@ -187,15 +232,22 @@ def main() -> int:
             rng = random.Random(2)
             next_kill = started + rng.uniform(0.5, 1.5) * args.kill_every if args.kill_every else float("inf")
             kills = 0
+
+            def note(line: str) -> None:
+                if args.keep is not None:
+                    print("# " + line, flush=True)
+
             rss: list[tuple[float, float]] = []
             fds: list[tuple[float, float]] = []
             restarts = 0
             print(f"{'t (s)':>6} {'RSS daemon':>11} {'RSS workers':>12} {'fds':>5} {'raised':>7} {'delivered':>10}")
             while (now := time.monotonic()) - started < args.seconds:
                 if now >= next_restart:
+                    note(f"broker stopping at {time.time():.3f}")
                     broker.stop()
                     time.sleep(args.down)
                     broker.start()
+                    note(f"broker back at {time.time():.3f}")
                     restarts += 1
                     next_restart = time.monotonic() + args.restart_every
                 if now >= next_kill:
@@ -240,9 +292,14 @@ def main() -> int:
                   f"(max growth {fd_growth:.0f}, slope {slope(fd_half) * 60:+.2f}/min)" if fd_half else "")  # fmt: skip
             print(f"events raised {raised}, delivered {sink.count()} (distinct ids), lost {lost}, "
                   f"expired {daemon.metric('dtsync_events_expired_total') or 0:.0f}")  # fmt: skip
+            print(f"subscriber reconnects {sink.connects - 1}, session restored by the broker on "
+                  f"{sink.connects - 1 - sink.sessions_lost}")  # fmt: skip
             failed = []
             if lost > 0:
                 failed.append(f"{lost} event(s) lost")
+            if sink.sessions_lost:
+                failed.append(f"the broker came back {sink.sessions_lost} time(s) without the subscriber's session "
+                              "(persistence not saved): delivery across its restarts is not guaranteed")  # fmt: skip
             if raised == 0:
                 failed.append("no event raised: the soak did not exercise delivery")
             if rss_slope > args.max_rss_slope:

@@ -2,6 +2,10 @@
 
 A cell's real stream and all of its twins share one :class:`CellEncoding`, so state index ``i`` names the
 same label in every MDP of that cell and the DT-BSM diagonal ``d(s, s)`` compares like with like.
+
+Labels that no window holds any more are freed (:meth:`CellEncoding.free`, driven by the cell's monitor), so
+the caps bound the labels live now, not every label ever seen. Freeing renumbers the survivors densely, in
+their first-seen order, and returns the old -> new maps the windows are rewritten with in the same step.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Hashable, Sequence
+
+import numpy as np
 
 from dtsync.contract import State, Transition
 from dtsync.episodes import TERMINAL
@@ -31,7 +37,7 @@ class CapacityError(RuntimeError):
 
 
 class Indexer:
-    """Map hashable labels to 0..n-1 in first-seen order (indices are never reused or reordered)."""
+    """Map hashable labels to 0..n-1 in first-seen order; only :meth:`compact` renumbers them."""
 
     def __init__(self, max_size: int | None = None) -> None:
         if max_size is not None and max_size < 0:
@@ -59,6 +65,17 @@ class Indexer:
         if len(ids) != len(labels):
             raise ValueError("repeated labels")
         self._ids, self.labels = ids, list(labels)
+
+    def compact(self, keep: np.ndarray) -> np.ndarray:
+        """Drop the labels whose `keep` entry is False and renumber the rest 0..k-1 in their order; returns the
+        old -> new index map (-1 for a dropped label), to rewrite every index held elsewhere."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self.labels),):
+            raise ValueError(f"keep has {keep.size} entries for {len(self.labels)} labels")
+        mapping = np.where(keep, np.cumsum(keep) - 1, -1)
+        self.labels = [label for label, k in zip(self.labels, keep.tolist(), strict=True) if k]
+        self._ids = {label: i for i, label in enumerate(self.labels)}
+        return mapping
 
     def get(self, label: Hashable) -> int | None:
         """Index of ``label`` or None, without adding it."""
@@ -114,6 +131,13 @@ class CellEncoding:
         self.state_encoder = state_encoder if state_encoder is not None else StateEncoder()
         self.states = Indexer(max_states)
         self.actions = Indexer(max_actions)
+
+    def free(self, used_states: np.ndarray, used_actions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Forget the labels not marked used (one bool per index): the (state, action) old -> new index maps,
+        or None if every label is used (nothing changes). Whoever holds indices must apply the maps at once."""
+        if bool(used_states.all()) and bool(used_actions.all()):
+            return None
+        return self.states.compact(used_states), self.actions.compact(used_actions)
 
     def encode(self, tr: Transition) -> tuple[int, int, int]:
         """(s, a, s_next) indices; new labels are added, so the state space grows while running.

@@ -13,7 +13,9 @@ resync events, status messages and Prometheus gauges all read it.
 
 What is compared: the labels *present in the windows now* (a state seen as s or s' in either window). A label
 seen once long ago and gone from both windows carries no data; leaving it in would pin the pessimistic bound
-at Rbar/(1-gamma) for ever (labels never leave the cell's encoder).
+at Rbar/(1-gamma) for ever. Labels that no window of the cell holds any more are freed from its encoder
+(`free_labels`) at the first snapshot after the windows have turned over, and when a full table refuses a
+label, so the caps bound the labels live now and an evaluation's dense arrays follow them, not the history.
 """
 
 from __future__ import annotations
@@ -371,6 +373,8 @@ class CellMonitor:
             st = config.twin_settings(cell, name)
             self.twins[name] = TwinMonitor.create(st)
         self._added, self._quiet_adds, self._quiet_until = 0, 0.0, -math.inf  # see due()
+        self._freed_at: int | None = None  # evictions counted at the last free_labels (see _free_if_evicted)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # batches ingest() is adding
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (SIGHUP) without dropping data: windows are resized in place, triggers keep
@@ -391,6 +395,7 @@ class CellMonitor:
                 self.twins[name] = TwinMonitor.create(st)
         self.config = config
         self._quiet_adds, self._quiet_until = 0.0, -math.inf  # the schedule may have changed: scan again
+        self._freed_at = None  # a removed twin's labels may be free now
 
     def encoder_bins(self) -> tuple[tuple[float, ...], ...] | None:
         """The encoder's bin edges, in the config's form (for reload comparisons)."""
@@ -408,7 +413,12 @@ class CellMonitor:
                 return reason
         window = self.real if stream == REAL else self.twins[stream].window
         try:
-            s, a, s_next = self.encoding.encode(tr)
+            try:
+                s, a, s_next = self.encoding.encode(tr)
+            except CapacityError:
+                if not self._free_if_evicted():
+                    raise
+                s, a, s_next = self.encoding.encode(tr)
         except EncodingError as e:
             return e.reason
         except CapacityError:
@@ -453,24 +463,33 @@ class CellMonitor:
             return
         window = self.real if stream == REAL else self.twins[stream].window
         affected = list(self.twins.values()) if stream == REAL else [self.twins[stream]]
-        s, a, sn, kept, bad = self.encoding.encode_many(transitions)
+        ss, aa, nn, kept, bad = self.encoding.encode_many(transitions)
+        if any(reason == "too_many_labels" for _, reason in bad) and self._free_if_evicted():
+            ss, aa, nn, kept, bad = self.encoding.encode_many(transitions)  # nothing of the batch was added yet
         rejected.extend(bad)
+        # The batch's indices, not yet all in the window while the caller snapshots at a yield: free_labels
+        # keeps their labels and rewrites them in place with the windows'.
+        s, a, sn = (np.asarray(col, dtype=np.int64) for col in (ss, aa, nn))
+        self._pending[id(s)] = (s, a, sn)
         r = [transitions[i].r for i in kept]
         t = [now if (ti := transitions[i].t) is None else ti for i in kept]
         i, n = 0, len(kept)
-        while i < n:
-            # Transitions up to the first one that could make a twin due, by count or by time.
-            room = self._quiet_adds - self._added  # inf: no count schedule, or every twin is busy
-            j = n if room >= n - i else i + max(1, math.ceil(room))
-            j = next((k + 1 for k in range(i, j) if t[k] >= self._quiet_until), j)
-            window.extend(s[i:j], a[i:j], r[i:j], sn[i:j], t[i:j])
-            self._added += j - i
-            for tm in affected:
-                tm.new_transitions += j - i
-            names = self.due(t[j - 1])
-            if names:
-                yield t[j - 1], names
-            i = j
+        try:
+            while i < n:
+                # Transitions up to the first one that could make a twin due, by count or by time.
+                room = self._quiet_adds - self._added  # inf: no count schedule, or every twin is busy
+                j = n if room >= n - i else i + max(1, math.ceil(room))
+                j = next((k + 1 for k in range(i, j) if t[k] >= self._quiet_until), j)
+                window.extend(s[i:j], a[i:j], r[i:j], sn[i:j], t[i:j])
+                self._added += j - i
+                for tm in affected:
+                    tm.new_transitions += j - i
+                names = self.due(t[j - 1])
+                if names:
+                    yield t[j - 1], names
+                i = j
+        finally:
+            del self._pending[id(s)]
 
     def _ingest_versions(
         self, stream: str, transitions: Sequence[Transition], now: float, rejected: list[tuple[int, str]]
@@ -571,12 +590,57 @@ class CellMonitor:
         tm.last_eval_t = None
         self._quiet_adds, self._quiet_until = 0.0, -math.inf
 
+    def free_labels(self) -> int:
+        """Forget the state and action labels no window of the cell holds, renumbering the rest (first-seen
+        order) in every window at once; returns how many were freed. Safe between any two calls on the
+        monitor: a snapshot already taken carries its own copies of indices and labels."""
+        windows = [self.real, *(tm.window for tm in self.twins.values())]
+        self._freed_at = self._evictions()
+        used_s = np.zeros(len(self.encoding.states), dtype=bool)
+        used_a = np.zeros(len(self.encoding.actions), dtype=bool)
+        for window in windows:
+            window.mark_used(used_s, used_a)
+        for s, a, sn in self._pending.values():
+            used_s[s] = used_s[sn] = used_a[a] = True
+        maps = self.encoding.free(used_s, used_a)
+        if maps is None:
+            return 0
+        for window in windows:
+            window.relabel(*maps)
+        state_map, action_map = maps
+        for s, a, sn in self._pending.values():
+            s[:], a[:], sn[:] = state_map[s], action_map[a], state_map[sn]
+        return int(used_s.size - used_s.sum() + used_a.size - used_a.sum())
+
+    def _evictions(self) -> int:
+        """Samples evicted from the cell's windows so far: unchanged, no label can have become free."""
+        return self.real.arrivals + sum(tm.window.arrivals for tm in self.twins.values())
+
+    def _turned_over(self) -> bool:
+        """Have the cell's windows evicted as many samples as they hold since the last free_labels? Freeing at
+        the snapshots where they have keeps its scan at O(1) per transition; a label is freed within about one
+        turnover of the windows after it left them."""
+        if self._freed_at is None:
+            return True
+        held = len(self.real) + sum(len(tm.window) for tm in self.twins.values())
+        return not 0 <= self._evictions() - self._freed_at < max(held, 1)
+
+    def _free_if_evicted(self) -> bool:
+        """A table is full: free labels if anything left a window since the last try (so a flood of labels
+        that stay live costs one scan per eviction, not one per rejected transition); True if any was freed."""
+        if self._freed_at == self._evictions():
+            return False
+        return self.free_labels() > 0
+
     def snapshot(self, twin: str, now: float) -> Snapshot:
-        """Freeze both windows of `twin` at time `now` (time windows evict up to `now` first)."""
+        """Freeze both windows of `twin` at time `now` (time windows evict up to `now` first, then labels no
+        window holds are freed, if the windows have turned over since the last time)."""
         tm = self.twins[twin]
         for window in (self.real, tm.window):
             if len(window) and window.max_seconds is not None:
                 window.advance(now)
+        if self._turned_over():
+            self.free_labels()
         S, A = len(self.encoding.states), len(self.encoding.actions)
         tm.new_transitions = 0
         tm.last_eval_t = now

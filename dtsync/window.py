@@ -180,20 +180,20 @@ class SlidingWindow:
         if self.max_seconds is not None or self._end - self._head > self.max_count:  # type: ignore[operator]
             self._evict()
 
-    def extend(
-        self, s: Sequence[int], a: Sequence[int], r: Sequence[float], s_next: Sequence[int], t: Sequence[float]
-    ) -> None:
+    def extend(self, s: Sequence[int] | np.ndarray, a: Sequence[int] | np.ndarray, r: Sequence[float],
+               s_next: Sequence[int] | np.ndarray, t: Sequence[float]) -> None:  # fmt: skip
         """Append transitions (column-wise, oldest first), then evict: the same result as adding one by one."""
         n = len(s)
         if n == 0:
             return
-        if min(min(s), min(a), min(s_next)) < 0:
+        ss, aa, nn = (np.asarray(col, dtype=np.int64) for col in (s, a, s_next))
+        if min(int(ss.min()), int(aa.min()), int(nn.min())) < 0:
             raise ValueError("state and action indices must be >= 0")
         self._make_room(n)
         lo, hi = self._end, self._end + n
-        self._s[lo:hi] = s
-        self._a[lo:hi] = a
-        self._sn[lo:hi] = s_next
+        self._s[lo:hi] = ss
+        self._a[lo:hi] = aa
+        self._sn[lo:hi] = nn
         self._r[lo:hi] = r
         self._t[lo:hi] = t
         self._end = hi
@@ -250,6 +250,22 @@ class SlidingWindow:
         """Arrival number of the oldest sample held (fixes each sample's half across a snapshot/restore)."""
         return self._base + self._head
 
+    def mark_used(self, states: np.ndarray, actions: np.ndarray) -> None:
+        """Set ``states[i]`` for every state index held (as s or s') and ``actions[j]`` for every action index."""
+        live = slice(self._head, self._end)
+        states[self._s[live]] = True
+        states[self._sn[live]] = True
+        actions[self._a[live]] = True
+
+    def relabel(self, state_map: np.ndarray, action_map: np.ndarray) -> None:
+        """Rewrite the indices held through old -> new maps (the cell's labels were renumbered); every index
+        held must map to one >= 0 (ValueError otherwise, and nothing is changed)."""
+        live = slice(self._head, self._end)
+        s, sn, a = state_map[self._s[live]], state_map[self._sn[live]], action_map[self._a[live]]
+        if s.size and min(int(s.min()), int(sn.min()), int(a.min())) < 0:
+            raise ValueError("relabel would drop an index the window holds")
+        self._s[live], self._sn[live], self._a[live] = s, sn, a
+
     def restore(self, s: np.ndarray, a: np.ndarray, s_next: np.ndarray, r: np.ndarray, t: np.ndarray,
                 arrivals: int, now: float) -> None:  # fmt: skip
         """Replace the content with saved columns (see :meth:`columns`), then evict to the current bounds."""
@@ -264,6 +280,7 @@ class SlidingWindow:
         self._head, self._end, self._base = 0, n, int(arrivals)
         self._now = max(float(now), float(t.max()) if n else -math.inf)
         self._evict()
+
     def reward_variance(self, n_states: int, n_actions: int) -> np.ndarray:
         """(S, A) population variance of the rewards of each state-action in the window (0 where unseen): what
         the permutation test and the bootstrap need beside the means. Recounted from the columns, like halves()."""

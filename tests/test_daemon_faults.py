@@ -348,8 +348,8 @@ def test_event_in_flight_when_the_broker_froze_is_delivered_soon_after_it_return
     whether the frozen broker thaws, or is killed with SIGKILL and restarted (persistence on)."""
     import sqlite3
 
-    broker.conf.write_text(broker.conf.read_text().replace(
-        "persistence false", f"persistence true\npersistence_location {tmp_path}/"))  # fmt: skip
+    persistence = f"persistence true\npersistence_location {tmp_path}/\nuser {getpass.getuser()}"  # user: see soak.py
+    broker.conf.write_text(broker.conf.read_text().replace("persistence false", persistence))
     broker.stop()
     broker.start()
     config = daemon_config(broker.port, tmp_path)

@@ -73,12 +73,17 @@ def test_labels_no_window_holds_are_dropped_on_restore() -> None:
     refused = [mon.add("real", Transition(s=f"junk{i}", a=0, r=0.0, s_next=f"junk{i}x"), 10.0 + i) for i in range(30)]
     assert refused.count("too_many_labels") > 0 and len(mon.encoding.states) == 40  # the table is full
     assert [good(40.0 + i) for i in range(60)] == [None] * 60  # known labels still flow; the junk leaves the window
-    assert mon.add("real", Transition(s="new", a=1, r=1.0, s_next=0), 99.0) == "too_many_labels"
+    saved = state.encode(state.capture(uuid.uuid4(), {"c": mon}, {}, {}))  # the table still holds the junk
+    before = labelled(mon, mon.real)
+    assert len(mon.encoding.states) == 40
     fresh = CellMonitor("c", config)
-    state.apply(state.decode(state.encode(state.capture(uuid.uuid4(), {"c": mon}, {}, {}))), {"c": fresh}, {})
+    state.apply(state.decode(saved), {"c": fresh}, {})
     assert fresh.encoding.states.labels == [0, 1, 2] and fresh.encoding.actions.labels == [1]
-    assert labelled(fresh, fresh.real) == labelled(mon, mon.real)
+    assert labelled(fresh, fresh.real) == before
     assert fresh.add("real", Transition(s="new", a=1, r=1.0, s_next=0), 100.0) is None
+    # The running monitor frees them too, without a restart, once a new label needs the room (CellMonitor.free_labels)
+    assert mon.add("real", Transition(s="new", a=1, r=1.0, s_next=0), 99.0) is None
+    assert mon.encoding.states.labels == [0, 1, 2, "new"]
 
 
 def test_an_event_still_in_the_outbox_counts_as_fired_after_restore() -> None:

@@ -35,6 +35,32 @@ def test_indexer_capacity_refuses_new_labels_only() -> None:
         Indexer(max_size=-1)
 
 
+def test_indexer_compact_keeps_order_and_returns_the_map() -> None:
+    ix = Indexer(max_size=4)
+    for x in "abcd":
+        ix.index(x)
+    mapping = ix.compact(np.array([False, True, False, True]))
+    assert mapping.tolist() == [-1, 0, -1, 1]
+    assert ix.labels == ["b", "d"] and ix.get("b") == 0 and ix.get("d") == 1 and "a" not in ix and len(ix) == 2
+    assert ix.index("e") == 2 and ix.index("a") == 3  # room again; a freed label comes back as a new one
+    with pytest.raises(CapacityError):
+        ix.index("f")
+    with pytest.raises(ValueError):
+        ix.compact(np.array([True]))
+
+
+def test_cell_encoding_free_renumbers_states_and_actions_or_changes_nothing() -> None:
+    cell = CellEncoding(max_states=3, max_actions=2)
+    cell.encode(Transition("x", "u", 0.0, "y"))
+    cell.encode(Transition("y", "v", 0.0, "z"))
+    assert cell.free(np.ones(3, dtype=bool), np.ones(2, dtype=bool)) is None
+    assert cell.states.labels == ["x", "y", "z"] and cell.actions.labels == ["u", "v"]
+    maps = cell.free(np.array([False, True, True]), np.array([False, True]))
+    assert maps is not None and maps[0].tolist() == [-1, 0, 1] and maps[1].tolist() == [-1, 0]
+    assert cell.encode(Transition("y", "v", 0.0, "z")) == (0, 0, 1)
+    assert cell.encode(Transition("x", "u", 0.0, "z")) == (2, 1, 1)  # fits again: the cap counts live labels
+
+
 def test_state_encoder_passes_labels_through() -> None:
     enc = StateEncoder(bins=[[0.0]])
     assert enc.encode(3) == 3 and enc.encode("3") == "3"

@@ -242,3 +242,20 @@ def test_a_snapshot_travels_as_its_transitions_not_as_dense_arrays() -> None:
     assert len(data) < 40 * n + 2000 < mdp.P.nbytes / 100
     back = pickle.loads(data)
     assert np.array_equal(back.P, mdp.P) and np.array_equal(back.R, mdp.R) and back.samples == n
+
+
+def test_mark_used_and_relabel_see_only_the_samples_held() -> None:
+    """Label freeing (CellMonitor.free_labels): what the window holds is found, then rewritten in place."""
+    w = SlidingWindow(max_count=3)
+    for s, a, sn in [(0, 0, 1), (2, 1, 3), (3, 1, 2), (4, 0, 3)]:
+        w.add(s, a, float(s), sn, float(s))  # the first is evicted
+    states, actions = np.zeros(5, dtype=bool), np.zeros(2, dtype=bool)
+    w.mark_used(states, actions)
+    assert states.tolist() == [False, False, True, True, True] and actions.tolist() == [True, True]
+    w.relabel(np.array([-1, -1, 0, 1, 2]), np.array([1, 0]))
+    after = [(0, 0, 2.0, 1), (1, 0, 3.0, 0), (2, 1, 4.0, 1)]
+    assert rows_of(w) == after
+    assert_matches(w.to_mdp(3, 2), after, 3, 2)
+    with pytest.raises(ValueError):  # would drop state 0, which a sample holds: refused, nothing changed
+        w.relabel(np.array([-1, 0, 1]), np.array([0, 1]))
+    assert rows_of(w) == after

@@ -65,6 +65,7 @@ class Delivery:
             props = expiry_properties(self._settings, remaining)
             await client.publish_acked(event.topic, event.payload, properties=props, timeout=PUBLISH_TIMEOUT)
             self.outbox.remove(event.event_id)
+            log.info("resync event acknowledged by the broker", event_id=event.event_id)
         except PublishRefused as e:
             log.error("resync event refused by the broker; kept in the outbox (check the broker ACL)",
                       event_id=event.event_id, error=str(e))  # fmt: skip
