@@ -296,8 +296,11 @@ class DTBSMSolver:
         labels_real: Sequence[Any] | None = None,
         labels_twin: Sequence[Any] | None = None,
         reward_range: tuple[float, float] | None = None,
+        point_only: bool = False,
     ) -> DTBSMResult:
-        """See `dtbsm`."""
+        """See `dtbsm`. `point_only` solves the point estimate alone (one fixed point instead of three when data
+        are missing): `mismatch_lower` / `mismatch_upper` then repeat it, for callers that only read `mismatch`
+        (the bootstrap's resamples)."""
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
         if not tol > 0:
@@ -334,12 +337,19 @@ class DTBSMSolver:
 
         m1 = SparseMDP.from_dense(R1, P1)
         m2 = SparseMDP.from_dense(R2, P2)
-        lower = self._solve("lower", m1, m2, gamma, tol, 0.0)
+        aligned = S1 == S2 and len(pairs) == S1 and bool(np.all(pairs[:, 0] == pairs[:, 1]))
         if complete:
-            point = upper = lower
+            lower = point = upper = self._solve("lower", m1, m2, gamma, tol, 0.0)
+        elif point_only:
+            if aligned:
+                c1 = SparseMDP.from_dense(*_complete(R1, P1, R2, P2))
+                c2 = SparseMDP.from_dense(*_complete(R2, P2, R1, P1))
+                lower = point = upper = self._solve("point", c1, c2, gamma, tol, 0.0)
+            else:
+                lower = point = upper = self._solve("lower", m1, m2, gamma, tol, 0.0)
         else:
+            lower = self._solve("lower", m1, m2, gamma, tol, 0.0)
             upper = self._solve("upper", m1, m2, gamma, tol, upper_value)
-            aligned = S1 == S2 and len(pairs) == S1 and bool(np.all(pairs[:, 0] == pairs[:, 1]))
             if aligned:
                 c1 = SparseMDP.from_dense(*_complete(R1, P1, R2, P2))
                 c2 = SparseMDP.from_dense(*_complete(R2, P2, R1, P1))
@@ -350,7 +360,7 @@ class DTBSMSolver:
         def worst(d: np.ndarray) -> float:
             return float(d[pairs[:, 0], pairs[:, 1]].max()) if len(pairs) else 0.0
 
-        fps = (lower,) if complete else (lower, upper, point)
+        fps = (lower,) if complete or point_only else (lower, upper, point)
         error_bound = max(fp.error_bound for fp in fps)
         return DTBSMResult(
             d=point.d,
@@ -383,6 +393,7 @@ def dtbsm(
     labels_real: Sequence[Any] | None = None,
     labels_twin: Sequence[Any] | None = None,
     reward_range: tuple[float, float] | None = None,
+    point_only: bool = False,
 ) -> DTBSMResult:
     """DT-BSM between a real MDP (R (S, A), P (S, A, S)) and a twin (R' (S', A), P' (S', A, S')).
 
@@ -392,5 +403,5 @@ def dtbsm(
     """
     return DTBSMSolver().solve(
         R_real, P_real, R_twin, P_twin, gamma, tol,
-        labels_real=labels_real, labels_twin=labels_twin, reward_range=reward_range,
+        labels_real=labels_real, labels_twin=labels_twin, reward_range=reward_range, point_only=point_only,
     )  # fmt: skip
