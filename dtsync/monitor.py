@@ -39,7 +39,7 @@ from dtsync.window import EmpiricalMDP, SlidingWindow
 
 REAL = "real"
 PERMUTATIONS = 199  # resamples of the permutation test: p-values down to 0.005, below the default alpha 0.01
-BOOTSTRAPS = 20  # metric solves for the interval, only when the test is significant
+BOOTSTRAPS = 20  # resamples of the interval (52 solves with its calibration), only when the test is significant
 _RESAMPLE_TOLERANCE = 1e-4  # a resample's mismatch needs no more accuracy than this (noise is far larger)
 _EVENT_NAMESPACE = uuid.UUID("5f1d7c1e-4b0a-4d55-9a53-0d6a4e2b7c11")
 

@@ -211,3 +211,17 @@ def test_a_drift_of_twice_the_threshold_is_flagged_soon(bench, change: str, wind
     fires = res.fired["evidence"]
     assert fires and fires[0] > window, fires  # nothing before the change
     assert fires[0] - window <= windows * window  # within that many window lengths after it
+
+
+def test_point_only_solve_gives_the_point_estimate_of_the_full_solve() -> None:
+    """The resamples solve the point estimate alone; with holes in either window it must equal the full solve's."""
+    rng = np.random.default_rng(7)
+    R1, P1 = random_mdp(rng, 6, 2, 3)
+    R2, P2 = random_mdp(rng, 6, 2, 3)
+    P1[1, 0] = 0.0  # a hole in the real window, another in the twin's, and a state-action seen by neither
+    P2[3, 1] = 0.0
+    P1[5, 1] = P2[5, 1] = 0.0
+    full = dtbsm(R1, P1, R2, P2, 0.9, 1e-9)
+    alone = dtbsm(R1, P1, R2, P2, 0.9, 1e-9, point_only=True)
+    assert full.mismatch_upper > full.mismatch  # the holes matter
+    assert alone.mismatch == pytest.approx(full.mismatch, abs=1e-7)
