@@ -29,7 +29,9 @@ process CPU): 45 ms at 72 states x 6 actions, 0.74 s at 256 x 16.
 windows from their own empirical MDPs (a parametric bootstrap on counts: multinomial next states, normal mean
 rewards; Efron and Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 6) and recomputes the DT-BSM. Thin
 state-actions (fewer than ``thin_below`` transitions in either window) are pooled (:func:`pool_thin`) and drawn
-*once* for both windows, so that they keep agreeing in every resample.
+*once* for both windows, so that they keep agreeing in every resample (drawn apart, as before, their handful of
+transitions disagreed by chance in every resample, and the correction then removed noise the data never had: on
+the testbed, intervals of [0, 0] beside a point of 1.4).
 
 *Why the plain bootstrap fails, measured*: the empirical mismatch T of two identical MDPs is far above 0 (a max
 over states of noisy W1 terms, amplified by the fixed point) and the resamples only add their own noise on top,
@@ -52,9 +54,12 @@ upper end also reaches the unpooled figure plus its spread (pooling can only low
 resamples (``fraction`` < 1; Bickel, Goetze, van Zwet, Statistica Sinica 7, 1997) are supported; the default is
 n-out-of-n (fraction 1).
 
-*What it claims*: nominal two-sided coverage ``level`` (each end missing at most (1 - level) / 2), asymptotically
-and given that k transfers from the null to the pair at hand; it is not exact. The coverage achieved on pairs with
-known exact mismatch is measured by ``benchmarks/bench_detection.py`` (README, "Noise floor").
+*What it claims*: nominal two-sided coverage ``level`` (each end missing at most (1 - level) / 2), as a
+bootstrap approximation that assumes k transfers from the null to the pair at hand (measured: the factor that
+would have been exact was 3.23 for an identical 8-state pair and 3.24 for a reward-biased one); it is not exact.
+Measured by ``benchmarks/bench_detection.py --quick`` at level 0.98 on pairs with known exact mismatch (identical,
+reward-biased, flipped, random and testbed pairs, windows 1,000-45,000): 96.9 % of 130, the truth below the lower
+end in 3.1 % (nominal 1 %), above the upper end in none (README, "Noise floor").
 *Cost*: 2 + B + 3 C point-only metric solves (B = ``resamples`` = 20, C = ``calibration`` = 10: 52).
 """
 
