@@ -150,6 +150,16 @@ def test_the_upper_end_reaches_the_unpooled_figure() -> None:
     assert point > 1.0 and iv.high >= point, (point, iv)
 
 
+def test_fewer_resamples_than_calibration_draws_still_give_a_finite_interval(
+    mdp: tuple[np.ndarray, np.ndarray],
+) -> None:
+    R, P = mdp
+    rng = np.random.default_rng(8)
+    x, y = window(R, P, 1000, rng), window(R + 0.1, P, 1000, rng)
+    iv = bootstrap_interval(x, y, _resampled, resamples=3, calibration=10, rng=rng)
+    assert np.isfinite(iv.low) and np.isfinite(iv.high) and iv.low <= iv.high
+
+
 def test_resample_keeps_unknown_state_actions_unknown() -> None:
     stats = WindowStats(np.array([[[3, 1]], [[0, 0]]]), np.array([[0.5], [0.0]]), np.array([[0.01], [0.0]]))
     R, P = resample(stats, 0.5, np.random.default_rng(0))

@@ -297,11 +297,11 @@ def bootstrap_interval(
     observed = mismatch(*real.mdp(), *twin.mdp())
     m1, m2 = _sizes(real.n, fraction), _sizes(twin.n, fraction)
     values = np.empty(resamples)
-    again = np.empty(calibration)  # a resample of each of the first `calibration` resamples (the double bootstrap)
+    again = np.empty(min(resamples, calibration))  # a resample of each of the first resamples (double bootstrap)
     for j in range(resamples):
         R1, P1, R2, P2 = _resample_pair(real, twin, shared, fraction, rng)
         values[j] = mismatch(R1, P1, R2, P2)
-        if j < calibration:
+        if j < len(again):
             w1, w2 = _as_stats(R1, P1, m1, real.reward_var), _as_stats(R2, P2, m2, twin.reward_var)
             again[j] = mismatch(*_resample_pair(w1, w2, shared, 1.0, rng))
     # The null pair: every state-action pooled, so the exact mismatch is 0, with the windows' own sizes and
@@ -361,7 +361,7 @@ def _simex(
     first = values[: len(again)]
     var_boot = (float(np.var(first - k * (again - first), ddof=1)) - k * k * var_t * (1.0 - 1.0 / B)) * fraction
     var_c = max(var_boot, var_t * fraction * (1.0 + k * k / B)) + var_k * growth**2
-    q = _t_quantile(0.5 + level / 2, C - 1)
+    q = _t_quantile(0.5 + level / 2, min(C, len(again)) - 1)
     half = q * math.sqrt(var_c)
     high = max(centre + half, raw + q * math.sqrt(var_t * fraction), 0.0)
     return Interval(max(0.0, centre - half), high, level, B, fraction, max(centre, 0.0), k)
