@@ -322,8 +322,11 @@ class DTBSMSolver:
         labels_real: Sequence[Any] | None = None,
         labels_twin: Sequence[Any] | None = None,
         reward_range: tuple[float, float] | None = None,
+        point_only: bool = False,
     ) -> DTBSMResult:
-        """See `dtbsm`."""
+        """See `dtbsm`. `point_only` solves the point estimate alone (one fixed point instead of three when data
+        are missing): `mismatch_lower` / `mismatch_upper` then repeat it, for callers that only read `mismatch`
+        (the bootstrap's resamples)."""
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
         if not tol > 0:
@@ -361,12 +364,20 @@ class DTBSMSolver:
 
         m1 = real.sparse()
         m2 = twin.sparse()
-        lower = self._solve("lower", m1, m2, gamma, tol, 0.0)
+        aligned = S1 == S2 and len(pairs) == S1 and bool(np.all(pairs[:, 0] == pairs[:, 1]))
         if complete:
-            point = upper = lower
+            lower = point = upper = self._solve("lower", m1, m2, gamma, tol, 0.0)
+        elif point_only:
+            if aligned:
+                D1, D2 = real.dense(), twin.dense()
+                c1 = SparseMDP.from_dense(*_complete(R1, D1, R2, D2))
+                c2 = SparseMDP.from_dense(*_complete(R2, D2, R1, D1))
+                lower = point = upper = self._solve("point", c1, c2, gamma, tol, 0.0)
+            else:
+                lower = point = upper = self._solve("lower", m1, m2, gamma, tol, 0.0)
         else:
+            lower = self._solve("lower", m1, m2, gamma, tol, 0.0)
             upper = self._solve("upper", m1, m2, gamma, tol, upper_value)
-            aligned = S1 == S2 and len(pairs) == S1 and bool(np.all(pairs[:, 0] == pairs[:, 1]))
             if aligned:
                 D1, D2 = real.dense(), twin.dense()
                 c1 = SparseMDP.from_dense(*_complete(R1, D1, R2, D2))
@@ -378,7 +389,7 @@ class DTBSMSolver:
         def worst(d: np.ndarray) -> float:
             return float(d[pairs[:, 0], pairs[:, 1]].max()) if len(pairs) else 0.0
 
-        fps = (lower,) if complete else (lower, upper, point)
+        fps = (lower,) if complete or point_only else (lower, upper, point)
         error_bound = max(fp.error_bound for fp in fps)
         return DTBSMResult(
             d=point.d,
@@ -411,6 +422,7 @@ def dtbsm(
     labels_real: Sequence[Any] | None = None,
     labels_twin: Sequence[Any] | None = None,
     reward_range: tuple[float, float] | None = None,
+    point_only: bool = False,
 ) -> DTBSMResult:
     """DT-BSM between a real MDP (R (S, A), P (S, A, S)) and a twin (R' (S', A), P' (S', A, S')).
 
@@ -420,5 +432,5 @@ def dtbsm(
     """
     return DTBSMSolver().solve(
         R_real, P_real, R_twin, P_twin, gamma, tol,
-        labels_real=labels_real, labels_twin=labels_twin, reward_range=reward_range,
+        labels_real=labels_real, labels_twin=labels_twin, reward_range=reward_range, point_only=point_only,
     )  # fmt: skip
