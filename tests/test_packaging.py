@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-LOCAL = {"dtsync"} | {p.stem for p in (ROOT / "tests").glob("*.py")}  # the tests import each other's helpers
+LOCAL = {"dtsync"} | {p.stem for d in ("tests", "benchmarks") for p in (ROOT / d).glob("*.py")}  # sibling helpers
 
 
 def declared(*extras: str) -> dict[str, Requirement]:
