@@ -186,20 +186,9 @@ async def run_demo(
             finally:
                 for task in tasks:
                     task.cancel()
-                if controller is not None and controller.returncode is None:
-                    controller.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(controller.wait(), 10)
-                    except TimeoutError:
-                        controller.kill()
-                        await controller.wait()
-                if daemon.returncode is None:
-                    daemon.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(daemon.wait(), 10)
-                    except TimeoutError:
-                        daemon.kill()
-                        await daemon.wait()
+                for proc in (controller, daemon):
+                    if proc is not None:
+                        await _terminate(proc)
                 log.close()
             result.daemon_exit = daemon.returncode
             if daemon.returncode != 0:
@@ -219,6 +208,18 @@ async def _controller(broker: BrokerInfo, settings: Any, rate: float, duration: 
         "--start-time", repr(started), "--stale-after", repr(duration / 2), "--stale-preset", STALE_PRESET,
         stdout=log, stderr=log,
     )  # fmt: skip
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 async def _retrying(start: Callable[[], Any]) -> None:

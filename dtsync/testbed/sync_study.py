@@ -275,7 +275,7 @@ def _score(policy: str, period: int | None, resyncs: list[int], fits: list[Testb
     timeline, total, above = [], 0.0, 0
     for i, start in enumerate(changes):
         end = changes[i + 1] if i + 1 < len(changes) else setup.steps
-        regime = next(r for r in reversed(regs) if r.start <= start)
+        regime = _regime_at(regs, start)
         fit = fits[sum(1 for s in resyncs if s <= start)]
         m = exact.mismatch(regime.params, fit)
         timeline.append((start, m))
