@@ -247,7 +247,7 @@ def _sweep_row(s, d, cum, real, twin, st, gamma, unknown_value, exact, max_pivot
                 if status == 0:
                     reach = slack / (2 * min(k, kk))
                     ex[s, s2, a] = cum + reach - margin
-                    eq[s, s2, a] = Q[s, a] + reach - 1e-12 * (1.0 + Q[s, a])
+                    eq[s, s2, a] = Q[s, a] + slack / 2 - 1e-12 * (1.0 + Q[s, a])
                 else:  # (v) expired, basis kept: the next exact sweep resumes the simplex where this one stopped
                     ex[s, s2, a] = -1.0
                     eq[s, s2, a] = -np.inf
@@ -325,8 +325,11 @@ def sweep(d, cum, real, twin, st, gamma, unknown_value, exact, max_pivots, out) 
         no reduced cost turns negative. A reduced cost is C_ij minus the alternating sum of the costs on the
         tree path from i to j (at most 2 min(k, k') - 1 cells), so a change of at most delta per cost moves it
         by at most 2 min(k, k') delta: the basis is optimal while cum < ex = cum_then + slack / (2 min(k, k')).
-        Every cost of the problem lies in a row x of the support of P(.|s, a), and has changed by at most the rise
-        of rowA[x] <= the rise of Q[s, a]: it is also optimal while Q[s, a] < eq = Q_then + slack / (2 min(k, k')).
+        Per row, the row clock is tighter: the cycle a reduced cost sums over (the cell and its tree path) enters
+        and leaves each of its rows once, so it holds exactly two cells of each row it visits; every cost of the
+        problem lies in a row x of the support of P(.|s, a) and has changed by at most the rise of rowA[x]. A
+        reduced cost therefore moves by at most 2 sum_x (rise of rowA[x]) = 2 (rise of Q[s, a]), and the basis is
+        also optimal while Q[s, a] < eq = Q_then + slack / 2.
         This one expires only with the rows the problem reads, so a local change of d (a window step) leaves
         far-away certificates standing.
         Its flows depend on the marginals only, so it stays feasible while they do. A problem left at the pivot
