@@ -530,6 +530,10 @@ def profile(quick: bool) -> None:
     queue = (*queue_mdp(Q, 6, False), *queue_mdp(Q, 6, True))
     for gamma in (0.9, 0.99):
         profile_solve(f"queue S={Q} A=6 3 x 1", queue, gamma)
+    side = 10 if quick else 30
+    R, P = grid_mdp(side, 4, 0.2)
+    R2, P2 = grid_mdp(side, 4, 0.3)
+    profile_solve(f"grid S={side * side} A=4 1-3 x 1-3", (R, P, R2 + 0.05, P2), 0.9)
 
 
 def main() -> None:
