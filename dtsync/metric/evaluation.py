@@ -29,7 +29,9 @@ def evaluate_couplings(x, base, tgt, flw, gamma, tol, max_sweeps):
     """Gauss-Seidel solve of x = base + gamma * Pi x in place, from x; returns the passes used.
 
     tgt[s, s', :] lists the pair indices t = x * S' + y of the coupling's cells (-1 ends the list), flw the
-    masses. Stops once a pass changes no entry by more than `tol`, or after `max_sweeps` passes. A steady
+    masses. Stops once a pass changes no entry by more than `tol` (then the residual ||base + gamma Pi x - x||_inf
+    is at most gamma * tol: each entry's update read the entries updated after it in that pass at their old
+    values), or after `max_sweeps` passes; the count returned is of passes over all pairs. A steady
     contraction rate is extrapolated (module docstring); the extrapolation step is capped at gamma / (1 - gamma)
     times the last pass's change, the tail of the slowest rate Gauss-Seidel can have. If the pass after an
     extrapolation changes x by more than the pass before it (the rate was not a single real mode: a periodic
