@@ -24,118 +24,53 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-STRIDE = 4096  # support positions are < STRIDE; codes stay within int32
+STRIDE_BITS = 12
+STRIDE = 1 << STRIDE_BITS  # support positions are < STRIDE; codes stay within int32
 FLOW_EPS = 1e-12  # a flow above -this is feasible (round-off of probabilities that sum to 1)
 BLAND_AFTER = 50  # pivots with Dantzig's rule before switching to Bland's rule (anti-cycling)
 MAX_PIVOTS = 10_000  # per call; a problem that reaches it can resume from the basis it stopped at
 
 
 class Scratch(NamedTuple):
-    """Working arrays of one simplex run for problems up to K x K (allocated once per thread by `scratch`)."""
+    """Working arrays of one simplex run for problems up to K x K (allocated once per thread by `scratch`).
 
-    cells: np.ndarray  # (2K-1) int64: basis cells i * STRIDE + j while re-peeling after a pivot
-    mark: np.ndarray  # (K*K) int8: basic cells, for the final slack scan
+    Tree nodes are rows 0..k-1 and columns K..K+k'-1, so one array holds both potentials: `u` and `v` are its
+    two halves.
+    """
+
+    tmp: np.ndarray  # (2K-1) int32: the next basis order while re-peeling after a pivot
+    mark: np.ndarray  # (K*K) int8: basic cells
     flow: np.ndarray  # (2K-1) float: flow of each basis cell, in peeling order
-    u: np.ndarray  # (K) float: row potentials
-    v: np.ndarray  # (K) float: column potentials
+    u: np.ndarray  # (K) float: row potentials (pot[:K])
+    v: np.ndarray  # (K) float: column potentials (pot[K:])
     rs: np.ndarray  # (K) float: row supply left
     rd: np.ndarray  # (K) float: column demand left
     row_on: np.ndarray  # (K) bool: row not yet crossed out (greedy basis)
     col_on: np.ndarray  # (K) bool: column not yet crossed out
     order: np.ndarray  # (K*K) int64: cells sorted by cost (greedy basis)
-    deg: np.ndarray  # (2K) int64: node degrees while peeling
-    used: np.ndarray  # (2K-1) bool: cell already peeled
-    start: np.ndarray  # (2K+1) int64: incidence-list offsets per node
-    adj: np.ndarray  # (4K) int64: incidence lists (cells by node)
-    queue: np.ndarray  # (2K) int64: leaf queue while peeling
+    tag: np.ndarray  # (2K) int8: a node's side of the leaving cell while re-peeling
+    path: np.ndarray  # (2K) int64: nodes of the path whose cells change direction while re-peeling
     parent_edge: np.ndarray  # (2K) int64: basis position of the edge to a node's parent
     parent_node: np.ndarray  # (2K) int64: parent of a node in the rooted basis tree
     depth: np.ndarray  # (2K) int64: depth in the rooted basis tree
+    pot: np.ndarray  # (2K) float: potential of each node
     costs: np.ndarray  # (K*K) float: the current problem's cost matrix, row-major k x k'
 
 
 @njit(cache=True, nogil=True)
 def scratch(K: int) -> Scratch:
     nb = 2 * K - 1
+    pot = np.empty(2 * K, np.float64)
     return Scratch(
-        np.empty(nb, np.int64), np.empty(K * K, np.int8), np.empty(nb, np.float64), np.empty(K, np.float64),
-        np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.bool_),
-        np.empty(K, np.bool_), np.empty(K * K, np.int64), np.empty(2 * K, np.int64), np.empty(nb, np.bool_),
-        np.empty(2 * K + 1, np.int64), np.empty(4 * K, np.int64), np.empty(2 * K, np.int64),
-        np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), np.empty(K * K, np.float64),
+        np.empty(nb, np.int32), np.empty(K * K, np.int8), np.empty(nb, np.float64), pot[:K], pot[K:],
+        np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.bool_), np.empty(K, np.bool_),
+        np.empty(K * K, np.int64), np.empty(2 * K, np.int8), np.empty(2 * K, np.int64), np.empty(2 * K, np.int64),
+        np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), pot, np.empty(K * K, np.float64),
     )  # fmt: skip
 
 
-@njit(cache=True, nogil=True)
-def _peel(n, k, kk, codes, w) -> bool:
-    """Order basis cells `w.cells[:n]` (i * STRIDE + j) by leaf peeling into `codes`; False if not a spanning tree.
-
-    Linear time: incidence lists (`start`, `adj`, counting sort by node), then a queue of the nodes of degree 1.
-    """
-    cells, deg, used, start, adj, queue = w.cells, w.deg, w.used, w.start, w.adj, w.queue
-    nodes = k + kk
-    for x in range(nodes + 1):
-        start[x] = 0
-    for e in range(n):
-        c = cells[e]
-        i = c // STRIDE
-        j = c % STRIDE
-        if c < 0 or i >= k or j >= kk:
-            return False
-        start[i + 1] += 1
-        start[k + j + 1] += 1
-        used[e] = False
-    for x in range(nodes):
-        deg[x] = start[x + 1]
-        if deg[x] == 0:
-            return False
-        start[x + 1] += start[x]
-    for x in range(nodes):
-        queue[x] = start[x]  # fill pointers
-    for e in range(n):
-        c = cells[e]
-        i = c // STRIDE
-        j = k + c % STRIDE
-        adj[queue[i]] = e
-        queue[i] += 1
-        adj[queue[j]] = e
-        queue[j] += 1
-    tail = 0
-    for x in range(nodes):
-        if deg[x] == 1:
-            queue[tail] = x
-            tail += 1
-    head = 0
-    pos = 0
-    while head < tail:
-        x = queue[head]
-        head += 1
-        if deg[x] != 1:
-            continue
-        e = -1
-        for t in range(start[x], start[x + 1]):
-            if not used[adj[t]]:
-                e = adj[t]
-                break
-        c = cells[e]
-        i = c // STRIDE
-        j = k + c % STRIDE
-        used[e] = True
-        codes[pos] = (c << 1) | 1 if x < k else c << 1
-        pos += 1
-        deg[i] -= 1
-        deg[j] -= 1
-        other = j if x < k else i
-        if deg[other] == 1:
-            queue[tail] = other
-            tail += 1
-    return pos == n
-
-
-@njit(cache=True, nogil=True)
-def flows(codes, n, p, q, w) -> bool:
-    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
-    rs, rd, flow = w.rs, w.rd, w.flow
+@njit(cache=True, nogil=True, inline="always")
+def _flows(codes, n, p, q, rs, rd, flow) -> bool:
     for i in range(p.shape[0]):
         rs[i] = p[i]
     for j in range(q.shape[0]):
@@ -144,11 +79,10 @@ def flows(codes, n, p, q, w) -> bool:
     for pos in range(n):
         code = codes[pos]
         c = code >> 1
-        i = c // STRIDE
-        j = c % STRIDE
+        i = c >> STRIDE_BITS
+        j = c & (STRIDE - 1)
         f = rs[i] if (code & 1) else rd[j]
-        if f < -FLOW_EPS:
-            ok = False
+        ok &= f >= -FLOW_EPS
         flow[pos] = f
         rs[i] -= f
         rd[j] -= f
@@ -156,22 +90,87 @@ def flows(codes, n, p, q, w) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def _potentials(codes, n, C, kk, u, v) -> None:
-    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order."""
+def flows(codes, n, p, q, w) -> bool:
+    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
+    return _flows(codes, n, p, q, w.rs, w.rd, w.flow)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _potentials(codes, n, C, kk, K, pot) -> None:
+    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order (each cell's leaf end from
+    its other end, branch-free: node i for row i, K + j for column j)."""
     last = codes[n - 1] >> 1
-    i = last // STRIDE
-    j = last % STRIDE
-    v[j] = 0.0
-    u[i] = C[i * kk + j]
+    i = last >> STRIDE_BITS
+    j = last & (STRIDE - 1)
+    pot[K + j] = 0.0
+    pot[i] = C[i * kk + j]
     for pos in range(n - 2, -1, -1):
         code = codes[pos]
         c = code >> 1
-        i = c // STRIDE
-        j = c % STRIDE
-        if code & 1:
-            u[i] = C[i * kk + j] - v[j]
-        else:
-            v[j] = C[i * kk + j] - u[i]
+        i = c >> STRIDE_BITS
+        j = c & (STRIDE - 1)
+        row_leaf = (code & 1) != 0
+        child = i if row_leaf else K + j
+        par = K + j if row_leaf else i
+        pot[child] = C[i * kk + j] - pot[par]
+
+
+@njit(cache=True, nogil=True)
+def _repeel(n, K, codes, leave, ie, je, enter_leaf, w) -> None:
+    """Peeling order of the basis after the pivot in which cell `leave` (a position) left and (ie, je) entered,
+    from the current order in O(n), without incidence lists; needs `w.parent_node`, `w.parent_edge` of the old
+    tree.
+
+    Rooted at the last cell's other end, the old tree loses the subtree T2 below the leaving cell's leaf end c
+    and regains it through the entering cell, whose leaf end `enter_leaf` (its end inside T2) becomes T2's new
+    root: only the cells on T2's path from `enter_leaf` to c change direction. A cell may come once every cell
+    below its leaf end has, so this order peels: T2's other cells in their old order, the path's cells from c's
+    end down (leaf end flipped), the entering cell, then the rest of the tree in its old order.
+    """
+    pn, pe, tag, path, tmp = w.parent_node, w.parent_edge, w.tag, w.path, w.tmp
+    code = codes[leave]
+    cl = code >> 1
+    c = cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))
+    # tag: 0 outside T2, 1 in T2, 2 on T2's path from the entering cell to c (c excluded); root first
+    last = codes[n - 1]
+    cl = last >> 1
+    tag[K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS] = 0
+    for pos in range(n - 1, -1, -1):
+        code = codes[pos]
+        cl = code >> 1
+        i = cl >> STRIDE_BITS
+        j = K + (cl & (STRIDE - 1))
+        row_leaf = (code & 1) != 0
+        child = i if row_leaf else j
+        par = j if row_leaf else i
+        tag[child] = 1 if (child == c or tag[par] != 0) else 0
+    m = 0
+    z = enter_leaf
+    while z != c:
+        tag[z] = 2
+        path[m] = z
+        m += 1
+        z = pn[z]
+    out = 0
+    for pos in range(n):
+        code = codes[pos]
+        cl = code >> 1
+        if pos != leave and tag[cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))] == 1:
+            tmp[out] = code
+            out += 1
+    for t in range(m - 1, -1, -1):
+        tmp[out] = codes[pe[path[t]]] ^ 1
+        out += 1
+    tmp[out] = ((ie * STRIDE + je) << 1) | (1 if enter_leaf == ie else 0)
+    out += 1
+    for pos in range(n):
+        code = codes[pos]
+        cl = code >> 1
+        if tag[cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))] == 0:
+            tmp[out] = code
+            out += 1
+    for pos in range(n):
+        codes[pos] = tmp[pos]
 
 
 @njit(cache=True, nogil=True)
@@ -234,48 +233,60 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
     Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
     (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
     slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
+    One branch-free pass over the cells per iteration gives the smallest reduced cost and the slack together,
+    so proving a basis still optimal costs the potentials, that pass and the value.
     """
     n = k + kk - 1
-    flow, u, v = w.flow, w.u, w.v
+    flow, pot, mark, rs, rd = w.flow, w.pot, w.mark, w.rs, w.rd
+    K = pot.shape[0] // 2
     if n == k * kk:  # a single row or column: every cell is basic, the only coupling
         value = 0.0
         for pos in range(n):
             c = codes[pos] >> 1
-            value += flow[pos] * C[(c // STRIDE) * kk + c % STRIDE]
+            value += flow[pos] * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))]
         return value, 0, 0, np.inf
+    m = k * kk
+    for t in range(m):
+        mark[t] = 0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        mark[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] = 1
     cmax = 0.0
-    for t in range(k * kk):
-        if C[t] > cmax:
-            cmax = C[t]
+    for t in range(m):
+        cmax = max(cmax, C[t])
     eps = 1e-12 * max(1.0, cmax)
     pivots = 0
     status = 0
-    slack = np.inf
     depth, pe, pn = w.depth, w.parent_edge, w.parent_node
     while True:
-        _potentials(codes, n, C, kk, u, v)
-        # Entering cell: most negative reduced cost (Dantzig), or the first negative one (Bland) once long.
-        best = -eps
-        ie = -1
-        je = -1
-        bland = pivots >= BLAND_AFTER
+        _potentials(codes, n, C, kk, K, pot)
+        # Smallest reduced cost over all cells and over the non-basic ones (the slack), without branches
+        best = np.inf
+        slack = np.inf
         for i in range(k):
-            ui = u[i]
+            ui = pot[i]
             for j in range(kk):
-                r = C[i * kk + j] - ui - v[j]
-                if r < best:
-                    best = r
-                    ie = i
-                    je = j
-                    if bland:
-                        break
-            if bland and ie >= 0:
-                break
-        if ie < 0:
+                r = C[i * kk + j] - ui - pot[K + j]
+                best = min(best, r)
+                slack = min(slack, r if mark[i * kk + j] == 0 else np.inf)
+        if best >= -eps:
             break
         if pivots >= max_pivots:
             status = 1
             break
+        # Entering cell: the first with the smallest reduced cost (Dantzig), or the first negative one (Bland)
+        # once long, which cannot cycle
+        dantzig = pivots < BLAND_AFTER
+        ie = -1
+        je = -1
+        for t in range(m):
+            i = t // kk
+            j = t - i * kk
+            r = C[t] - pot[i] - pot[K + j]
+            if (r == best) if dantzig else (r < -eps):
+                ie = i
+                je = j
+                break
         pivots += 1
         # Cycle: entering cell + the tree path between column je and row ie, signs alternating (- first) from
         # either end. The peeling order roots the tree: each cell's leaf end is a child of its other end, and the
@@ -283,14 +294,11 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
         for pos in range(n - 1, -1, -1):
             code = codes[pos]
             c = code >> 1
-            i = c // STRIDE
-            j = k + c % STRIDE
-            if code & 1:
-                child = i
-                par = j
-            else:
-                child = j
-                par = i
+            i = c >> STRIDE_BITS
+            j = K + (c & (STRIDE - 1))
+            row_leaf = (code & 1) != 0
+            child = i if row_leaf else j
+            par = j if row_leaf else i
             if pos == n - 1:
                 depth[par] = 0
             pe[child] = pos
@@ -299,12 +307,14 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
         theta = np.inf
         leave = -1
         leave_cell = 0
-        x = k + je
+        leave_col_side = False
+        x = K + je
         y = ie
         minus_x = True
         minus_y = True
         while x != y:
-            if depth[x] >= depth[y]:
+            col_side = depth[x] >= depth[y]
+            if col_side:
                 e = pe[x]
                 minus = minus_x
                 minus_x = not minus_x
@@ -321,45 +331,29 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
                     theta = f
                     leave = e
                     leave_cell = cell
-        for e in range(n):
-            w.cells[e] = codes[e] >> 1
-        w.cells[leave] = ie * STRIDE + je
-        _peel(n, k, kk, codes, w)
-        flows(codes, n, p, q, w)
+                    leave_col_side = col_side
+        mark[(leave_cell >> STRIDE_BITS) * kk + (leave_cell & (STRIDE - 1))] = 0
+        mark[ie * kk + je] = 1
+        _repeel(n, K, codes, leave, ie, je, K + je if leave_col_side else ie, w)
+        _flows(codes, n, p, q, rs, rd, flow)
 
     value = 0.0
     for pos in range(n):
         c = codes[pos] >> 1
         f = flow[pos]
-        if f > 0.0:
-            value += f * C[(c // STRIDE) * kk + c % STRIDE]
+        value += f * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] if f > 0.0 else 0.0
     if status == 1:
         lower = 0.0
         for i in range(k):
-            lower += p[i] * u[i]
+            lower += p[i] * pot[i]
         for j in range(kk):
             vj = np.inf
             for i in range(k):
-                vj = min(vj, C[i * kk + j] - u[i])
+                vj = min(vj, C[i * kk + j] - pot[i])
             lower += q[j] * vj
         slack = max(0.0, value - lower)
-    else:
-        # Smallest reduced cost off the tree: how far the costs may move before this basis can stop being optimal.
-        mark = w.mark
-        for t in range(k * kk):
-            mark[t] = 0
-        for pos in range(n):
-            c = codes[pos] >> 1
-            mark[(c // STRIDE) * kk + c % STRIDE] = 1
-        for i in range(k):
-            ui = u[i]
-            for j in range(kk):
-                if mark[i * kk + j] == 0:
-                    r = C[i * kk + j] - ui - v[j]
-                    if r < slack:
-                        slack = r
-        if slack < 0.0:
-            slack = 0.0
+    elif slack < 0.0:
+        slack = 0.0
     return value, pivots, status, slack
 
 
