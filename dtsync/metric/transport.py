@@ -34,76 +34,79 @@ MAX_PIVOTS = 10_000  # per call; a problem that reaches it can resume from the b
 class Scratch(NamedTuple):
     """Working arrays of one simplex run for problems up to K x K (allocated once per thread by `scratch`).
 
-    Tree nodes are rows 0..k-1 and columns K..K+k'-1, so one array holds both potentials: `u` and `v` are its
-    two halves.
+    The kernels address two packed arrays, `fw` and `iw`, at fixed offsets: every array a compiled function
+    receives costs it a reference-count increment and decrement (atomic), which for problems of a few cells
+    cost more than the simplex itself. The named fields are views of them, for callers.
+
+    fw (float): node potentials [0, 2K) (rows 0..k-1, columns K..K+k'-1), row supply left [2K, 3K), column
+    demand left [3K, 4K), flow of each basis cell in peeling order [4K, 6K-1).
+    iw (int): basic-cell marks [0, K*K), cells by cost (greedy basis) [K*K, 2K*K), then from B = 2K*K per node:
+    depth [B, B+2K), basis position of the edge to the parent [B+2K, B+4K), parent [B+4K, B+6K), side of the
+    leaving cell [B+6K, B+8K), path of reversed cells [B+8K, B+10K), next basis order [B+10K, B+12K-1); the
+    greedy basis keeps its crossed-out rows and columns in the depth slots.
     """
 
-    tmp: np.ndarray  # (2K-1) int32: the next basis order while re-peeling after a pivot
-    mark: np.ndarray  # (K*K) int8: basic cells
+    fw: np.ndarray
+    iw: np.ndarray
     flow: np.ndarray  # (2K-1) float: flow of each basis cell, in peeling order
-    u: np.ndarray  # (K) float: row potentials (pot[:K])
-    v: np.ndarray  # (K) float: column potentials (pot[K:])
+    u: np.ndarray  # (K) float: row potentials
+    v: np.ndarray  # (K) float: column potentials
     rs: np.ndarray  # (K) float: row supply left
     rd: np.ndarray  # (K) float: column demand left
-    row_on: np.ndarray  # (K) bool: row not yet crossed out (greedy basis)
-    col_on: np.ndarray  # (K) bool: column not yet crossed out
-    order: np.ndarray  # (K*K) int64: cells sorted by cost (greedy basis)
-    tag: np.ndarray  # (2K) int8: a node's side of the leaving cell while re-peeling
-    path: np.ndarray  # (2K) int64: nodes of the path whose cells change direction while re-peeling
-    parent_edge: np.ndarray  # (2K) int64: basis position of the edge to a node's parent
-    parent_node: np.ndarray  # (2K) int64: parent of a node in the rooted basis tree
-    depth: np.ndarray  # (2K) int64: depth in the rooted basis tree
-    pot: np.ndarray  # (2K) float: potential of each node
     costs: np.ndarray  # (K*K) float: the current problem's cost matrix, row-major k x k'
 
 
 @njit(cache=True, nogil=True)
 def scratch(K: int) -> Scratch:
-    nb = 2 * K - 1
-    pot = np.empty(2 * K, np.float64)
-    return Scratch(
-        np.empty(nb, np.int32), np.empty(K * K, np.int8), np.empty(nb, np.float64), pot[:K], pot[K:],
-        np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.bool_), np.empty(K, np.bool_),
-        np.empty(K * K, np.int64), np.empty(2 * K, np.int8), np.empty(2 * K, np.int64), np.empty(2 * K, np.int64),
-        np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), pot, np.empty(K * K, np.float64),
-    )  # fmt: skip
+    fw = np.empty(6 * K - 1, np.float64)
+    iw = np.empty(2 * K * K + 12 * K, np.int64)
+    return Scratch(fw, iw, fw[4 * K :], fw[:K], fw[K : 2 * K], fw[2 * K : 3 * K], fw[3 * K : 4 * K],
+                   np.empty(K * K, np.float64))  # fmt: skip
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _flows(codes, n, p, q, rs, rd, flow) -> bool:
+def _flows(codes, n, p, q, fw, K) -> bool:
+    RS = 2 * K
+    RD = 3 * K
+    FL = 4 * K
     for i in range(p.shape[0]):
-        rs[i] = p[i]
+        fw[RS + i] = p[i]
     for j in range(q.shape[0]):
-        rd[j] = q[j]
+        fw[RD + j] = q[j]
     ok = True
     for pos in range(n):
         code = codes[pos]
         c = code >> 1
-        i = c >> STRIDE_BITS
-        j = c & (STRIDE - 1)
-        f = rs[i] if (code & 1) else rd[j]
+        i = RS + (c >> STRIDE_BITS)
+        j = RD + (c & (STRIDE - 1))
+        f = fw[i] if (code & 1) else fw[j]
         ok &= f >= -FLOW_EPS
-        flow[pos] = f
-        rs[i] -= f
-        rd[j] -= f
+        fw[FL + pos] = f
+        fw[i] -= f
+        fw[j] -= f
     return ok
 
 
 @njit(cache=True, nogil=True)
-def flows(codes, n, p, q, w) -> bool:
-    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
-    return _flows(codes, n, p, q, w.rs, w.rd, w.flow)
+def _flows_of(codes, n, p, q, fw, K) -> bool:
+    return _flows(codes, n, p, q, fw, K)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _potentials(codes, n, C, kk, K, pot) -> None:
-    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order (each cell's leaf end from
-    its other end, branch-free: node i for row i, K + j for column j)."""
+def flows(codes, n, p, q, w) -> bool:
+    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
+    return _flows_of(codes, n, p, q, w.fw, w.u.shape[0])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _potentials(codes, n, C, kk, K, fw) -> None:
+    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order: each cell's leaf end from
+    its other end, pot(leaf) = C_ij - pot(other), without branches."""
     last = codes[n - 1] >> 1
     i = last >> STRIDE_BITS
     j = last & (STRIDE - 1)
-    pot[K + j] = 0.0
-    pot[i] = C[i * kk + j]
+    fw[K + j] = 0.0
+    fw[i] = C[i * kk + j]
     for pos in range(n - 2, -1, -1):
         code = codes[pos]
         c = code >> 1
@@ -112,14 +115,50 @@ def _potentials(codes, n, C, kk, K, pot) -> None:
         row_leaf = (code & 1) != 0
         child = i if row_leaf else K + j
         par = K + j if row_leaf else i
-        pot[child] = C[i * kk + j] - pot[par]
+        fw[child] = C[i * kk + j] - fw[par]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scan(k, kk, C, fw, iw, K):
+    """(smallest reduced cost of all cells, of the non-basic ones (the slack), largest cost), branch-free."""
+    best = np.inf
+    slack = np.inf
+    cmax = 0.0
+    for i in range(k):
+        ui = fw[i]
+        for j in range(kk):
+            cij = C[i * kk + j]
+            r = cij - ui - fw[K + j]
+            best = min(best, r)
+            slack = min(slack, r if iw[i * kk + j] == 0 else np.inf)
+            cmax = max(cmax, cij)
+    return best, slack, cmax
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mark(k, kk, codes, n, iw) -> None:
+    for t in range(k * kk):
+        iw[t] = 0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        iw[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] = 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _value(codes, n, C, kk, fw, K) -> float:
+    """<pi, C> over the basis cells that carry flow."""
+    value = 0.0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        f = fw[4 * K + pos]
+        value += f * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] if f > 0.0 else 0.0
+    return value
 
 
 @njit(cache=True, nogil=True)
-def _repeel(n, K, codes, leave, ie, je, enter_leaf, w) -> None:
+def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
     """Peeling order of the basis after the pivot in which cell `leave` (a position) left and (ie, je) entered,
-    from the current order in O(n), without incidence lists; needs `w.parent_node`, `w.parent_edge` of the old
-    tree.
+    from the current order in O(n), without incidence lists; needs the old tree's parents and parent edges.
 
     Rooted at the last cell's other end, the old tree loses the subtree T2 below the leaving cell's leaf end c
     and regains it through the entering cell, whose leaf end `enter_leaf` (its end inside T2) becomes T2's new
@@ -127,14 +166,19 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, w) -> None:
     below its leaf end has, so this order peels: T2's other cells in their old order, the path's cells from c's
     end down (leaf end flipped), the entering cell, then the rest of the tree in its old order.
     """
-    pn, pe, tag, path, tmp = w.parent_node, w.parent_edge, w.tag, w.path, w.tmp
+    B = iw.shape[0] - 12 * K
+    PE = B + 2 * K
+    PN = B + 4 * K
+    TAG = B + 6 * K
+    PATH = B + 8 * K
+    TMP = B + 10 * K
     code = codes[leave]
     cl = code >> 1
     c = cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))
     # tag: 0 outside T2, 1 in T2, 2 on T2's path from the entering cell to c (c excluded); root first
     last = codes[n - 1]
     cl = last >> 1
-    tag[K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS] = 0
+    iw[TAG + (K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS)] = 0
     for pos in range(n - 1, -1, -1):
         code = codes[pos]
         cl = code >> 1
@@ -143,82 +187,80 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, w) -> None:
         row_leaf = (code & 1) != 0
         child = i if row_leaf else j
         par = j if row_leaf else i
-        tag[child] = 1 if (child == c or tag[par] != 0) else 0
+        iw[TAG + child] = 1 if (child == c or iw[TAG + par] != 0) else 0
     m = 0
     z = enter_leaf
     while z != c:
-        tag[z] = 2
-        path[m] = z
+        iw[TAG + z] = 2
+        iw[PATH + m] = z
         m += 1
-        z = pn[z]
-    out = 0
+        z = iw[PN + z]
+    out = TMP
     for pos in range(n):
         code = codes[pos]
         cl = code >> 1
-        if pos != leave and tag[cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))] == 1:
-            tmp[out] = code
+        if pos != leave and iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 1:
+            iw[out] = code
             out += 1
     for t in range(m - 1, -1, -1):
-        tmp[out] = codes[pe[path[t]]] ^ 1
+        iw[out] = codes[iw[PE + iw[PATH + t]]] ^ 1
         out += 1
-    tmp[out] = ((ie * STRIDE + je) << 1) | (1 if enter_leaf == ie else 0)
+    iw[out] = ((ie * STRIDE + je) << 1) | (1 if enter_leaf == ie else 0)
     out += 1
     for pos in range(n):
         code = codes[pos]
         cl = code >> 1
-        if tag[cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))] == 0:
-            tmp[out] = code
+        if iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 0:
+            iw[out] = code
             out += 1
     for pos in range(n):
-        codes[pos] = tmp[pos]
+        codes[pos] = iw[TMP + pos]
 
 
 @njit(cache=True, nogil=True)
-def greedy_basis(k, kk, p, q, C, codes, w) -> None:
-    """Minimum-cost greedy starting basis, written straight into `codes` in leaf-peeling order.
-
-    Each allocation crosses out exactly one line (the last one closes both), so the cells form a spanning tree
-    and every cell is the only one left on its crossed-out line among the cells after it: greedy order is a
-    peeling order, with the crossed-out line telling which end is the leaf.
-    """
-    order, rs, rd, row_on, col_on = w.order, w.rs, w.rd, w.row_on, w.col_on
+def _greedy(k, kk, p, q, C, codes, fw, iw, K) -> None:
     m = k * kk
+    RS = 2 * K
+    RD = 3 * K
+    ORD = K * K
+    ROW = 2 * K * K
+    COL = ROW + K
     for t in range(m):  # insertion sort of the cells by cost (m <= K * K, small)
         c = C[t]
         pos = t
-        while pos > 0 and C[order[pos - 1]] > c:
-            order[pos] = order[pos - 1]
+        while pos > 0 and C[iw[ORD + pos - 1]] > c:
+            iw[ORD + pos] = iw[ORD + pos - 1]
             pos -= 1
-        order[pos] = t
+        iw[ORD + pos] = t
     for i in range(k):
-        rs[i] = p[i]
-        row_on[i] = True
+        fw[RS + i] = p[i]
+        iw[ROW + i] = 1
     for j in range(kk):
-        rd[j] = q[j]
-        col_on[j] = True
+        fw[RD + j] = q[j]
+        iw[COL + j] = 1
     rows_left = k
     cols_left = kk
     n = 0
     for t in range(m):
-        cell = order[t]
+        cell = iw[ORD + t]
         i = cell // kk
-        j = cell % kk
-        if not (row_on[i] and col_on[j]):
+        j = cell - i * kk
+        if iw[ROW + i] == 0 or iw[COL + j] == 0:
             continue
-        f = min(rs[i], rd[j])
-        rs[i] -= f
-        rd[j] -= f
+        f = min(fw[RS + i], fw[RD + j])
+        fw[RS + i] -= f
+        fw[RD + j] -= f
         code = (i * STRIDE + j) << 1
         if rows_left == 1 and cols_left == 1:
             codes[n] = code | 1
             n += 1
             break
-        if (rs[i] <= rd[j] and rows_left > 1) or cols_left == 1:
-            row_on[i] = False
+        if (fw[RS + i] <= fw[RD + j] and rows_left > 1) or cols_left == 1:
+            iw[ROW + i] = 0
             rows_left -= 1
             codes[n] = code | 1
         else:
-            col_on[j] = False
+            iw[COL + j] = 0
             cols_left -= 1
             codes[n] = code
         n += 1
@@ -226,49 +268,45 @@ def greedy_basis(k, kk, p, q, C, codes, w) -> None:
         codes[pos] = -1
 
 
-@njit(cache=True, nogil=True)
-def optimize(k, kk, p, q, C, codes, w, max_pivots):
-    """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in `w.flow`).
+@njit(cache=True, nogil=True, inline="always")
+def greedy_basis(k, kk, p, q, C, codes, w) -> None:
+    """Minimum-cost greedy starting basis, written straight into `codes` in leaf-peeling order.
 
-    Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
-    (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
-    slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
-    One branch-free pass over the cells per iteration gives the smallest reduced cost and the slack together,
-    so proving a basis still optimal costs the potentials, that pass and the value.
+    Each allocation crosses out exactly one line (the last one closes both), so the cells form a spanning tree
+    and every cell is the only one left on its crossed-out line among the cells after it: greedy order is a
+    peeling order, with the crossed-out line telling which end is the leaf.
     """
+    _greedy(k, kk, p, q, C, codes, w.fw, w.iw, w.u.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _prove(k, kk, C, codes, fw, iw, K):
+    """The common case first: (True, value, slack) if the starting basis is already optimal."""
     n = k + kk - 1
-    flow, pot, mark, rs, rd = w.flow, w.pot, w.mark, w.rs, w.rd
-    K = pot.shape[0] // 2
-    if n == k * kk:  # a single row or column: every cell is basic, the only coupling
-        value = 0.0
-        for pos in range(n):
-            c = codes[pos] >> 1
-            value += flow[pos] * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))]
-        return value, 0, 0, np.inf
-    m = k * kk
-    for t in range(m):
-        mark[t] = 0
-    for pos in range(n):
-        c = codes[pos] >> 1
-        mark[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] = 1
-    cmax = 0.0
-    for t in range(m):
-        cmax = max(cmax, C[t])
-    eps = 1e-12 * max(1.0, cmax)
+    _mark(k, kk, codes, n, iw)
+    _potentials(codes, n, C, kk, K, fw)
+    best, slack, cmax = _scan(k, kk, C, fw, iw, K)
+    if best < -1e-12 * max(1.0, cmax):
+        return False, 0.0, 0.0
+    return True, _value(codes, n, C, kk, fw, K), max(slack, 0.0)
+
+
+@njit(cache=True, nogil=True)
+def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots):
+    """The pivots of `optimize`, from a basis `_prove` found not optimal (its marks in iw)."""
+    n = k + kk - 1
+    B = iw.shape[0] - 12 * K
+    DEPTH = B
+    PE = B + 2 * K
+    PN = B + 4 * K
+    FL = 4 * K
     pivots = 0
     status = 0
-    depth, pe, pn = w.depth, w.parent_edge, w.parent_node
+    slack = np.inf
     while True:
-        _potentials(codes, n, C, kk, K, pot)
-        # Smallest reduced cost over all cells and over the non-basic ones (the slack), without branches
-        best = np.inf
-        slack = np.inf
-        for i in range(k):
-            ui = pot[i]
-            for j in range(kk):
-                r = C[i * kk + j] - ui - pot[K + j]
-                best = min(best, r)
-                slack = min(slack, r if mark[i * kk + j] == 0 else np.inf)
+        _potentials(codes, n, C, kk, K, fw)
+        best, slack, cmax = _scan(k, kk, C, fw, iw, K)
+        eps = 1e-12 * max(1.0, cmax)
         if best >= -eps:
             break
         if pivots >= max_pivots:
@@ -279,10 +317,10 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
         dantzig = pivots < BLAND_AFTER
         ie = -1
         je = -1
-        for t in range(m):
+        for t in range(k * kk):
             i = t // kk
             j = t - i * kk
-            r = C[t] - pot[i] - pot[K + j]
+            r = C[t] - fw[i] - fw[K + j]
             if (r == best) if dantzig else (r < -eps):
                 ie = i
                 je = j
@@ -300,10 +338,10 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
             child = i if row_leaf else j
             par = j if row_leaf else i
             if pos == n - 1:
-                depth[par] = 0
-            pe[child] = pos
-            pn[child] = par
-            depth[child] = depth[par] + 1
+                iw[DEPTH + par] = 0
+            iw[PE + child] = pos
+            iw[PN + child] = par
+            iw[DEPTH + child] = iw[DEPTH + par] + 1
         theta = np.inf
         leave = -1
         leave_cell = 0
@@ -313,48 +351,65 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
         minus_x = True
         minus_y = True
         while x != y:
-            col_side = depth[x] >= depth[y]
+            col_side = iw[DEPTH + x] >= iw[DEPTH + y]
             if col_side:
-                e = pe[x]
+                e = iw[PE + x]
                 minus = minus_x
                 minus_x = not minus_x
-                x = pn[x]
+                x = iw[PN + x]
             else:
-                e = pe[y]
+                e = iw[PE + y]
                 minus = minus_y
                 minus_y = not minus_y
-                y = pn[y]
+                y = iw[PN + y]
             if minus:
                 cell = codes[e] >> 1
-                f = flow[e]
+                f = fw[FL + e]
                 if f < theta - 1e-15 or (f <= theta + 1e-15 and cell < leave_cell):
                     theta = f
                     leave = e
                     leave_cell = cell
                     leave_col_side = col_side
-        mark[(leave_cell >> STRIDE_BITS) * kk + (leave_cell & (STRIDE - 1))] = 0
-        mark[ie * kk + je] = 1
-        _repeel(n, K, codes, leave, ie, je, K + je if leave_col_side else ie, w)
-        _flows(codes, n, p, q, rs, rd, flow)
+        iw[(leave_cell >> STRIDE_BITS) * kk + (leave_cell & (STRIDE - 1))] = 0
+        iw[ie * kk + je] = 1
+        _repeel(n, K, codes, leave, ie, je, K + je if leave_col_side else ie, iw)
+        _flows(codes, n, p, q, fw, K)
 
-    value = 0.0
-    for pos in range(n):
-        c = codes[pos] >> 1
-        f = flow[pos]
-        value += f * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] if f > 0.0 else 0.0
+    value = _value(codes, n, C, kk, fw, K)
     if status == 1:
         lower = 0.0
         for i in range(k):
-            lower += p[i] * pot[i]
+            lower += p[i] * fw[i]
         for j in range(kk):
             vj = np.inf
             for i in range(k):
-                vj = min(vj, C[i * kk + j] - pot[i])
+                vj = min(vj, C[i * kk + j] - fw[i])
             lower += q[j] * vj
         slack = max(0.0, value - lower)
-    elif slack < 0.0:
-        slack = 0.0
+    else:
+        slack = max(slack, 0.0)
     return value, pivots, status, slack
+
+
+@njit(cache=True, nogil=True, inline="always")
+def optimize(k, kk, p, q, C, codes, w, max_pivots):
+    """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in `w.flow`).
+
+    Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
+    (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
+    slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
+    Inlined into its caller, so that the scratch tuple is not passed (and reference-counted) whole; proving a
+    basis still optimal, the common case, costs the potentials, one pass over the cells and the value.
+    """
+    fw = w.fw
+    iw = w.iw
+    K = w.u.shape[0]
+    if k + kk - 1 == k * kk:  # a single row or column: every cell is basic, the only coupling
+        return _value(codes, k + kk - 1, C, kk, fw, K), 0, 0, np.inf
+    ok, value, slack = _prove(k, kk, C, codes, fw, iw, K)
+    if ok:
+        return value, 0, 0, slack
+    return _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots)
 
 
 @njit(cache=True, nogil=True)
