@@ -58,7 +58,7 @@ class Scratch(NamedTuple):
 
 @njit(cache=True, nogil=True)
 def scratch(K: int) -> Scratch:
-    fw = np.empty(6 * K - 1, np.float64)
+    fw = np.empty(7 * K - 1, np.float64)
     iw = np.empty(2 * K * K + 12 * K, np.int64)
     return Scratch(fw, iw, fw[4 * K :], fw[:K], fw[K : 2 * K], fw[2 * K : 3 * K], fw[3 * K : 4 * K],
                    np.empty(K * K, np.float64))  # fmt: skip
@@ -155,7 +155,7 @@ def _value(codes, n, C, kk, fw, K) -> float:
     return value
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
     """Peeling order of the basis after the pivot in which cell `leave` (a position) left and (ie, je) entered,
     from the current order in O(n), without incidence lists; needs the old tree's parents and parent edges.
@@ -195,13 +195,12 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
         iw[PATH + m] = z
         m += 1
         z = iw[PN + z]
-    out = TMP
+    out = TMP  # branch-free: every cell is written, the pointer moves past the ones that belong here
     for pos in range(n):
         code = codes[pos]
         cl = code >> 1
-        if pos != leave and iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 1:
-            iw[out] = code
-            out += 1
+        iw[out] = code
+        out += pos != leave and iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 1
     for t in range(m - 1, -1, -1):
         iw[out] = codes[iw[PE + iw[PATH + t]]] ^ 1
         out += 1
@@ -210,52 +209,57 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
     for pos in range(n):
         code = codes[pos]
         cl = code >> 1
-        if iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 0:
-            iw[out] = code
-            out += 1
+        iw[out] = code
+        out += iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 0
     for pos in range(n):
         codes[pos] = iw[TMP + pos]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_min(a, kk, C, iw, COL):
+    """(cost, column) of row a's cheapest cell on a column not crossed out, the first among equal costs."""
+    best = np.inf
+    arg = -1
+    for b in range(kk):
+        c = C[a * kk + b]
+        take = iw[COL + b] != 0 and (c < best or arg < 0)
+        best = c if take else best
+        arg = b if take else arg
+    return best, arg
+
+
 @njit(cache=True, nogil=True)
 def _greedy(k, kk, p, q, C, codes, fw, iw, K) -> None:
-    m = k * kk
     RS = 2 * K
     RD = 3 * K
-    ORD = K * K
+    RMIN = 6 * K - 1
+    RARG = K * K
     ROW = 2 * K * K
     COL = ROW + K
-    for t in range(m):  # insertion sort of the cells by cost (m <= K * K, small)
-        c = C[t]
-        pos = t
-        while pos > 0 and C[iw[ORD + pos - 1]] > c:
-            iw[ORD + pos] = iw[ORD + pos - 1]
-            pos -= 1
-        iw[ORD + pos] = t
-    for i in range(k):
-        fw[RS + i] = p[i]
-        iw[ROW + i] = 1
     for j in range(kk):
         fw[RD + j] = q[j]
         iw[COL + j] = 1
+    for i in range(k):
+        fw[RS + i] = p[i]
+        iw[ROW + i] = 1
+        fw[RMIN + i], iw[RARG + i] = _row_min(i, kk, C, iw, COL)
     rows_left = k
     cols_left = kk
-    n = 0
-    for t in range(m):
-        cell = iw[ORD + t]
-        i = cell // kk
-        j = cell - i * kk
-        if iw[ROW + i] == 0 or iw[COL + j] == 0:
-            continue
+    for n in range(k + kk - 1):
+        # The cheapest cell on lines not crossed out, the first in row-major order among equal costs (the next
+        # one a stable sort by cost would reach), from each open row's cheapest open cell.
+        best = np.inf
+        i = -1
+        for a in range(k):
+            take = iw[ROW + a] != 0 and (fw[RMIN + a] < best or i < 0)
+            best = fw[RMIN + a] if take else best
+            i = a if take else i
+        j = iw[RARG + i]
         f = min(fw[RS + i], fw[RD + j])
         fw[RS + i] -= f
         fw[RD + j] -= f
         code = (i * STRIDE + j) << 1
-        if rows_left == 1 and cols_left == 1:
-            codes[n] = code | 1
-            n += 1
-            break
-        if (fw[RS + i] <= fw[RD + j] and rows_left > 1) or cols_left == 1:
+        if (fw[RS + i] <= fw[RD + j] and rows_left > 1) or cols_left == 1:  # the last cell closes both
             iw[ROW + i] = 0
             rows_left -= 1
             codes[n] = code | 1
@@ -263,8 +267,10 @@ def _greedy(k, kk, p, q, C, codes, fw, iw, K) -> None:
             iw[COL + j] = 0
             cols_left -= 1
             codes[n] = code
-        n += 1
-    for pos in range(n, codes.shape[0]):
+            for a in range(k):
+                if iw[ROW + a] != 0 and iw[RARG + a] == j:
+                    fw[RMIN + a], iw[RARG + a] = _row_min(a, kk, C, iw, COL)
+    for pos in range(k + kk - 1, codes.shape[0]):
         codes[pos] = -1
 
 
@@ -280,20 +286,8 @@ def greedy_basis(k, kk, p, q, C, codes, w) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _prove(k, kk, C, codes, fw, iw, K):
-    """The common case first: (True, value, slack) if the starting basis is already optimal."""
-    n = k + kk - 1
-    _mark(k, kk, codes, n, iw)
-    _potentials(codes, n, C, kk, K, fw)
-    best, slack, cmax = _scan(k, kk, C, fw, iw, K)
-    if best < -1e-12 * max(1.0, cmax):
-        return False, 0.0, 0.0
-    return True, _value(codes, n, C, kk, fw, K), max(slack, 0.0)
-
-
-@njit(cache=True, nogil=True)
-def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots):
-    """The pivots of `optimize`, from a basis `_prove` found not optimal (its marks in iw)."""
+def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots, best, slack, cmax):
+    """The pivots of `optimize`, from a basis whose marks, potentials and `_scan` (best, slack, cmax) it made."""
     n = k + kk - 1
     B = iw.shape[0] - 12 * K
     DEPTH = B
@@ -302,11 +296,8 @@ def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots):
     FL = 4 * K
     pivots = 0
     status = 0
-    slack = np.inf
+    eps = 1e-12 * max(1.0, cmax)
     while True:
-        _potentials(codes, n, C, kk, K, fw)
-        best, slack, cmax = _scan(k, kk, C, fw, iw, K)
-        eps = 1e-12 * max(1.0, cmax)
         if best >= -eps:
             break
         if pivots >= max_pivots:
@@ -374,6 +365,8 @@ def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots):
         iw[ie * kk + je] = 1
         _repeel(n, K, codes, leave, ie, je, K + je if leave_col_side else ie, iw)
         _flows(codes, n, p, q, fw, K)
+        _potentials(codes, n, C, kk, K, fw)
+        best, slack, cmax = _scan(k, kk, C, fw, iw, K)
 
     value = _value(codes, n, C, kk, fw, K)
     if status == 1:
@@ -391,6 +384,27 @@ def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots):
     return value, pivots, status, slack
 
 
+@njit(cache=True, nogil=True)
+def _coupling(codes, n, C, kk, fw, K) -> float:
+    value = 0.0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        value += fw[4 * K + pos] * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))]
+    return value
+
+
+@njit(cache=True, nogil=True)
+def _prove(k, kk, C, codes, fw, iw, K):
+    """The common case, apart: (value, slack, smallest reduced cost, largest cost) of the starting basis, with
+    the value only when the basis is optimal (smallest reduced cost >= -eps); marks and potentials in fw, iw."""
+    n = k + kk - 1
+    _mark(k, kk, codes, n, iw)
+    _potentials(codes, n, C, kk, K, fw)
+    best, slack, cmax = _scan(k, kk, C, fw, iw, K)
+    value = _value(codes, n, C, kk, fw, K) if best >= -1e-12 * max(1.0, cmax) else np.nan
+    return value, slack, best, cmax
+
+
 @njit(cache=True, nogil=True, inline="always")
 def optimize(k, kk, p, q, C, codes, w, max_pivots):
     """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in `w.flow`).
@@ -398,18 +412,18 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
     Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
     (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
     slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
-    Inlined into its caller, so that the scratch tuple is not passed (and reference-counted) whole; proving a
-    basis still optimal, the common case, costs the potentials, one pass over the cells and the value.
+    A small wrapper inlined into its caller, so that the kernels receive the two packed arrays rather than the
+    whole scratch tuple; proving a basis still optimal, the common case, is one call of four arrays.
     """
     fw = w.fw
     iw = w.iw
     K = w.u.shape[0]
     if k + kk - 1 == k * kk:  # a single row or column: every cell is basic, the only coupling
-        return _value(codes, k + kk - 1, C, kk, fw, K), 0, 0, np.inf
-    ok, value, slack = _prove(k, kk, C, codes, fw, iw, K)
-    if ok:
-        return value, 0, 0, slack
-    return _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots)
+        return _coupling(codes, k + kk - 1, C, kk, fw, K), 0, 0, np.inf
+    value, slack, best, cmax = _prove(k, kk, C, codes, fw, iw, K)
+    if not np.isnan(value):
+        return value, 0, 0, max(slack, 0.0)
+    return _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots, best, slack, cmax)
 
 
 @njit(cache=True, nogil=True)
