@@ -14,7 +14,10 @@ dual bound L = <p, u> + <q, v> <= W1, so the current coupling's value exceeds W1
 
 Basis encoding: int32 codes, one per cell, in leaf-peeling order: code = ((i * STRIDE + j) << 1) | row_is_leaf.
 Peeling order gives the flows (forward) and the potentials (backward) in one linear pass each; unused slots
-hold -1. The DT-BSM solver keeps one such basis per transport problem between sweeps (`dtsync.metric.bellman`).
+hold -1. After a pivot the new order follows from the old one in a few linear passes (`_repeel`). The DT-BSM
+solver keeps one such basis per transport problem between sweeps (`dtsync.metric.bellman`), so most calls only
+re-prove a stored basis: potentials, one pass over the cells for the smallest reduced cost and the slack
+together, the value.
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ class Scratch(NamedTuple):
     cost more than the simplex itself. The named fields are views of them, for callers.
 
     fw (float): node potentials [0, 2K) (rows 0..k-1, columns K..K+k'-1), row supply left [2K, 3K), column
-    demand left [3K, 4K), flow of each basis cell in peeling order [4K, 6K-1).
-    iw (int): basic-cell marks [0, K*K), cells by cost (greedy basis) [K*K, 2K*K), then from B = 2K*K per node:
-    depth [B, B+2K), basis position of the edge to the parent [B+2K, B+4K), parent [B+4K, B+6K), side of the
-    leaving cell [B+6K, B+8K), path of reversed cells [B+8K, B+10K), next basis order [B+10K, B+12K-1); the
-    greedy basis keeps its crossed-out rows and columns in the depth slots.
+    demand left [3K, 4K), flow of each basis cell in peeling order [4K, 6K-1), each row's cheapest open cost
+    (greedy basis) [6K-1, 7K-1).
+    iw (int): basic-cell marks [0, K*K), each row's cheapest open column (greedy basis) [K*K, K*K+K), then from
+    B = 2K*K per node: depth [B, B+2K), basis position of the edge to the parent [B+2K, B+4K), parent
+    [B+4K, B+6K), side of the leaving cell [B+6K, B+8K), path of reversed cells [B+8K, B+10K), next basis order
+    [B+10K, B+12K-1); the greedy basis keeps its open rows and columns in the depth slots.
     """
 
     fw: np.ndarray
@@ -60,7 +64,7 @@ class Scratch(NamedTuple):
 def scratch(K: int) -> Scratch:
     fw = np.empty(7 * K - 1, np.float64)
     iw = np.empty(2 * K * K + 12 * K, np.int64)
-    return Scratch(fw, iw, fw[4 * K :], fw[:K], fw[K : 2 * K], fw[2 * K : 3 * K], fw[3 * K : 4 * K],
+    return Scratch(fw, iw, fw[4 * K : 6 * K - 1], fw[:K], fw[K : 2 * K], fw[2 * K : 3 * K], fw[3 * K : 4 * K],
                    np.empty(K * K, np.float64))  # fmt: skip
 
 
