@@ -61,6 +61,167 @@ def test_emd_at_the_pivot_limit_reports_it_and_an_upper_bound() -> None:
     assert stopped > 50  # a greedy start is rarely optimal on 6 x 6 problems
 
 
+def _solve(p, q, M, codes=None, max_pivots=transport.MAX_PIVOTS):
+    """The kernels as `bellman` calls them: costs row-major in the scratch, a greedy basis unless one is given,
+    its flows, then `optimize`. Returns its result, the final basis and the scratch (potentials, flows)."""
+    k, kk = M.shape
+    w = transport.scratch(8)
+    C = w.costs
+    C[: k * kk] = M.ravel()
+    if codes is None:
+        codes = np.full(15, -1, np.int32)
+        transport.greedy_basis(k, kk, p, q, C, codes, w)
+    assert transport.flows(codes, k + kk - 1, p, q, w)
+    result = transport.optimize(k, kk, p, q, C, codes, w, max_pivots)
+    return result, codes, w
+
+
+def _check_certificate(p, q, M, result, codes, w) -> None:
+    """The returned basis is a spanning tree in peeling order with the returned flows and value, its potentials
+    make every basic reduced cost zero, and the slack is the smallest off-tree reduced cost (a lower bound of
+    every one), so the basis is optimal for any costs within slack / 2 min(k, k') of these."""
+    k, kk = M.shape
+    n = k + kk - 1
+    value, _pivots, status, slack = result
+    assert status == 0
+    flow = w.flow[:n].copy()
+    assert transport.flows(codes, n, p, q, w)  # the order peels: flows follow again, feasible
+    np.testing.assert_allclose(w.flow[:n], flow, atol=1e-15)
+    assert (codes[n:] == -1).all()
+    cells = [(int(c >> 1) // transport.STRIDE, int(c >> 1) % transport.STRIDE) for c in codes[:n]]
+    assert len(set(cells)) == n
+    pi = np.zeros((k, kk))
+    for (i, j), f in zip(cells, flow, strict=True):
+        pi[i, j] = f
+    np.testing.assert_allclose(pi.sum(axis=1), p, atol=1e-12)
+    np.testing.assert_allclose(pi.sum(axis=0), q, atol=1e-12)
+    assert value == pytest.approx(float((pi * M).sum()), abs=1e-12)
+    if n == k * kk:  # a single row or column: the only coupling, no potentials needed
+        assert slack == np.inf
+        return
+    r = M - w.u[:k, None] - w.v[None, :kk]
+    basic = np.zeros((k, kk), bool)
+    basic[tuple(np.array(cells).T)] = True
+    assert np.abs(r[basic]).max() <= 1e-12
+    assert slack >= 0.0 and np.all(r[~basic] >= slack - 1e-15)
+    assert slack == pytest.approx(max(0.0, float(r[~basic].min())), abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_every_shape_up_to_8_x_8_matches_pot_with_a_certificate(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    for k in range(1, 9):
+        for kk in range(1, 9):
+            for trial in range(6):
+                p, q = _marginal(rng, k), _marginal(rng, kk)
+                M = rng.random((k, kk))
+                if trial % 3 == 2:  # ties and zero costs
+                    M = np.round(M * 2) / 2
+                result, codes, w = _solve(p, q, M)
+                assert result[0] == pytest.approx(ot.emd2(p, q, M), abs=1e-12)
+                _check_certificate(p, q, M, result, codes, w)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_warm_starts_from_an_optimal_basis_of_moved_costs(seed: int) -> None:
+    """As between sweeps: the stored basis of the old costs, re-proved (most) or pivoted on from there."""
+    rng = np.random.default_rng(200 + seed)
+    pivoted = reproved = 0
+    for _ in range(400):
+        k, kk = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+        p, q = _marginal(rng, k), _marginal(rng, kk)
+        M = rng.random((k, kk))
+        _result, codes, _w = _solve(p, q, M)
+        scale = [1e-6, 1e-2, 0.3][int(rng.integers(3))]
+        M2 = np.maximum(0.0, M + scale * rng.standard_normal(M.shape))
+        result, codes, w = _solve(p, q, M2, codes=codes.copy())
+        assert result[0] == pytest.approx(ot.emd2(p, q, M2), abs=1e-12)
+        _check_certificate(p, q, M2, result, codes, w)
+        pivoted += result[1] > 0
+        reproved += result[1] == 0
+    assert pivoted > 50 and reproved > 50
+
+
+def test_degenerate_marginals_every_shape() -> None:
+    """Uniform marginals whose partial sums coincide: zero basic flows, degenerate pivots, Bland's rule."""
+    rng = np.random.default_rng(9)
+    for k in range(2, 9):
+        for kk in range(2, 9):
+            for _ in range(4):
+                p, q = np.full(k, 1.0 / k), np.full(kk, 1.0 / kk)
+                M = rng.integers(0, 3, size=(k, kk)).astype(float)
+                result, codes, w = _solve(p, q, M)
+                assert result[0] == pytest.approx(ot.emd2(p, q, M), abs=1e-12)
+                _check_certificate(p, q, M, result, codes, w)
+
+
+def test_pivot_limit_gives_a_duality_gap_and_resumes() -> None:
+    """At the limit, value is a feasible coupling's and slack bounds its excess over W1; the basis it stopped at
+    is primal feasible and the next call finishes from it."""
+    rng = np.random.default_rng(11)
+    stopped = 0
+    for _ in range(300):
+        k, kk = int(rng.integers(3, 9)), int(rng.integers(3, 9))
+        p, q, M = _marginal(rng, k), _marginal(rng, kk), rng.random((k, kk))
+        exact = ot.emd2(p, q, M)
+        limit = int(rng.integers(0, 4))
+        (value, pivots, status, slack), codes, _w = _solve(p, q, M, max_pivots=limit)
+        assert pivots <= limit
+        if status == 1:
+            stopped += 1
+            assert pivots == limit
+            assert value >= exact - 1e-12
+            assert slack >= value - exact - 1e-12
+            result, codes, w = _solve(p, q, M, codes=codes)
+            assert result[0] == pytest.approx(exact, abs=1e-12)
+            _check_certificate(p, q, M, result, codes, w)
+        else:
+            assert value == pytest.approx(exact, abs=1e-12)
+    assert stopped > 100
+
+
+def _greedy_reference(p, q, M) -> list[int]:
+    """The greedy basis as documented: cells by cost (stable), each allocation crosses out its row if the row is
+    exhausted first (and is not the last row) or the column is the last one, else its column."""
+    k, kk = M.shape
+    rs, rd = list(p), list(q)
+    rows, cols = set(range(k)), set(range(kk))
+    codes = []
+    for t in sorted(range(k * kk), key=lambda t: M.ravel()[t]):
+        i, j = divmod(t, kk)
+        if i not in rows or j not in cols:
+            continue
+        f = min(rs[i], rd[j])
+        rs[i] -= f
+        rd[j] -= f
+        code = (i * transport.STRIDE + j) << 1
+        if (rs[i] <= rd[j] and len(rows) > 1) or len(cols) == 1:
+            rows.discard(i)
+            codes.append(code | 1)
+        else:
+            cols.discard(j)
+            codes.append(code)
+        if not rows:
+            break
+    return codes
+
+
+def test_greedy_basis_is_the_stable_cost_order_rule() -> None:
+    rng = np.random.default_rng(12)
+    for _ in range(500):
+        k, kk = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        p, q = _marginal(rng, k), _marginal(rng, kk)
+        M = rng.random((k, kk))
+        if rng.random() < 0.5:
+            M = np.round(M * 2) / 2  # many equal costs: the tie order matters
+        w = transport.scratch(8)
+        w.costs[: k * kk] = M.ravel()
+        codes = np.full(15, -1, np.int32)
+        transport.greedy_basis(k, kk, p, q, w.costs, codes, w)
+        assert list(codes[: k + kk - 1]) == _greedy_reference(p, q, M)
+        assert (codes[k + kk - 1 :] == -1).all()
+
+
 # --- one Bellman sweep -----------------------------------------------------------------------------------
 
 

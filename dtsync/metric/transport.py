@@ -14,7 +14,10 @@ dual bound L = <p, u> + <q, v> <= W1, so the current coupling's value exceeds W1
 
 Basis encoding: int32 codes, one per cell, in leaf-peeling order: code = ((i * STRIDE + j) << 1) | row_is_leaf.
 Peeling order gives the flows (forward) and the potentials (backward) in one linear pass each; unused slots
-hold -1. The DT-BSM solver keeps one such basis per transport problem between sweeps (`dtsync.metric.bellman`).
+hold -1. After a pivot the new order follows from the old one in a few linear passes (`_repeel`). The DT-BSM
+solver keeps one such basis per transport problem between sweeps (`dtsync.metric.bellman`), so most calls only
+re-prove a stored basis: potentials, one pass over the cells for the smallest reduced cost and the slack
+together, the value.
 """
 
 from __future__ import annotations
@@ -24,157 +27,258 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-STRIDE = 4096  # support positions are < STRIDE; codes stay within int32
+STRIDE_BITS = 12
+STRIDE = 1 << STRIDE_BITS  # support positions are < STRIDE; codes stay within int32
 FLOW_EPS = 1e-12  # a flow above -this is feasible (round-off of probabilities that sum to 1)
 BLAND_AFTER = 50  # pivots with Dantzig's rule before switching to Bland's rule (anti-cycling)
 MAX_PIVOTS = 10_000  # per call; a problem that reaches it can resume from the basis it stopped at
 
 
 class Scratch(NamedTuple):
-    """Working arrays of one simplex run for problems up to K x K (allocated once per thread by `scratch`)."""
+    """Working arrays of one simplex run for problems up to K x K (allocated once per thread by `scratch`).
 
-    cells: np.ndarray  # (2K-1) int64: basis cells i * STRIDE + j while re-peeling after a pivot
-    mark: np.ndarray  # (K*K) int8: basic cells, for the final slack scan
+    The kernels address two packed arrays, `fw` and `iw`, at fixed offsets: every array a compiled function
+    receives costs it a reference-count increment and decrement (atomic), which for problems of a few cells
+    cost more than the simplex itself. The named fields are views of them, for callers.
+
+    fw (float): node potentials [0, 2K) (rows 0..k-1, columns K..K+k'-1), row supply left [2K, 3K), column
+    demand left [3K, 4K), flow of each basis cell in peeling order [4K, 6K-1), each row's cheapest open cost
+    (greedy basis) [6K-1, 7K-1).
+    iw (int): basic-cell marks [0, K*K), each row's cheapest open column (greedy basis) [K*K, K*K+K), then from
+    B = 2K*K per node: depth [B, B+2K), basis position of the edge to the parent [B+2K, B+4K), parent
+    [B+4K, B+6K), side of the leaving cell [B+6K, B+8K), path of reversed cells [B+8K, B+10K), next basis order
+    [B+10K, B+12K-1); the greedy basis keeps its open rows and columns in the depth slots.
+    """
+
+    fw: np.ndarray
+    iw: np.ndarray
     flow: np.ndarray  # (2K-1) float: flow of each basis cell, in peeling order
     u: np.ndarray  # (K) float: row potentials
     v: np.ndarray  # (K) float: column potentials
     rs: np.ndarray  # (K) float: row supply left
     rd: np.ndarray  # (K) float: column demand left
-    row_on: np.ndarray  # (K) bool: row not yet crossed out (greedy basis)
-    col_on: np.ndarray  # (K) bool: column not yet crossed out
-    order: np.ndarray  # (K*K) int64: cells sorted by cost (greedy basis)
-    deg: np.ndarray  # (2K) int64: node degrees while peeling
-    used: np.ndarray  # (2K-1) bool: cell already peeled
-    start: np.ndarray  # (2K+1) int64: incidence-list offsets per node
-    adj: np.ndarray  # (4K) int64: incidence lists (cells by node)
-    queue: np.ndarray  # (2K) int64: leaf queue while peeling
-    parent_edge: np.ndarray  # (2K) int64: basis position of the edge to a node's parent
-    parent_node: np.ndarray  # (2K) int64: parent of a node in the rooted basis tree
-    depth: np.ndarray  # (2K) int64: depth in the rooted basis tree
     costs: np.ndarray  # (K*K) float: the current problem's cost matrix, row-major k x k'
 
 
 @njit(cache=True, nogil=True)
 def scratch(K: int) -> Scratch:
-    nb = 2 * K - 1
-    return Scratch(
-        np.empty(nb, np.int64), np.empty(K * K, np.int8), np.empty(nb, np.float64), np.empty(K, np.float64),
-        np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.float64), np.empty(K, np.bool_),
-        np.empty(K, np.bool_), np.empty(K * K, np.int64), np.empty(2 * K, np.int64), np.empty(nb, np.bool_),
-        np.empty(2 * K + 1, np.int64), np.empty(4 * K, np.int64), np.empty(2 * K, np.int64),
-        np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), np.empty(2 * K, np.int64), np.empty(K * K, np.float64),
-    )  # fmt: skip
+    fw = np.empty(7 * K - 1, np.float64)
+    iw = np.empty(2 * K * K + 12 * K, np.int64)
+    return Scratch(fw, iw, fw[4 * K : 6 * K - 1], fw[:K], fw[K : 2 * K], fw[2 * K : 3 * K], fw[3 * K : 4 * K],
+                   np.empty(K * K, np.float64))  # fmt: skip
 
 
-@njit(cache=True, nogil=True)
-def _peel(n, k, kk, codes, w) -> bool:
-    """Order basis cells `w.cells[:n]` (i * STRIDE + j) by leaf peeling into `codes`; False if not a spanning tree.
-
-    Linear time: incidence lists (`start`, `adj`, counting sort by node), then a queue of the nodes of degree 1.
-    """
-    cells, deg, used, start, adj, queue = w.cells, w.deg, w.used, w.start, w.adj, w.queue
-    nodes = k + kk
-    for x in range(nodes + 1):
-        start[x] = 0
-    for e in range(n):
-        c = cells[e]
-        i = c // STRIDE
-        j = c % STRIDE
-        if c < 0 or i >= k or j >= kk:
-            return False
-        start[i + 1] += 1
-        start[k + j + 1] += 1
-        used[e] = False
-    for x in range(nodes):
-        deg[x] = start[x + 1]
-        if deg[x] == 0:
-            return False
-        start[x + 1] += start[x]
-    for x in range(nodes):
-        queue[x] = start[x]  # fill pointers
-    for e in range(n):
-        c = cells[e]
-        i = c // STRIDE
-        j = k + c % STRIDE
-        adj[queue[i]] = e
-        queue[i] += 1
-        adj[queue[j]] = e
-        queue[j] += 1
-    tail = 0
-    for x in range(nodes):
-        if deg[x] == 1:
-            queue[tail] = x
-            tail += 1
-    head = 0
-    pos = 0
-    while head < tail:
-        x = queue[head]
-        head += 1
-        if deg[x] != 1:
-            continue
-        e = -1
-        for t in range(start[x], start[x + 1]):
-            if not used[adj[t]]:
-                e = adj[t]
-                break
-        c = cells[e]
-        i = c // STRIDE
-        j = k + c % STRIDE
-        used[e] = True
-        codes[pos] = (c << 1) | 1 if x < k else c << 1
-        pos += 1
-        deg[i] -= 1
-        deg[j] -= 1
-        other = j if x < k else i
-        if deg[other] == 1:
-            queue[tail] = other
-            tail += 1
-    return pos == n
-
-
-@njit(cache=True, nogil=True)
-def flows(codes, n, p, q, w) -> bool:
-    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
-    rs, rd, flow = w.rs, w.rd, w.flow
+@njit(cache=True, nogil=True, inline="always")
+def _flows(codes, n, p, q, fw, K) -> bool:
+    RS = 2 * K
+    RD = 3 * K
+    FL = 4 * K
     for i in range(p.shape[0]):
-        rs[i] = p[i]
+        fw[RS + i] = p[i]
     for j in range(q.shape[0]):
-        rd[j] = q[j]
+        fw[RD + j] = q[j]
     ok = True
     for pos in range(n):
         code = codes[pos]
         c = code >> 1
-        i = c // STRIDE
-        j = c % STRIDE
-        f = rs[i] if (code & 1) else rd[j]
-        if f < -FLOW_EPS:
-            ok = False
-        flow[pos] = f
-        rs[i] -= f
-        rd[j] -= f
+        i = RS + (c >> STRIDE_BITS)
+        j = RD + (c & (STRIDE - 1))
+        f = fw[i] if (code & 1) else fw[j]
+        ok &= f >= -FLOW_EPS
+        fw[FL + pos] = f
+        fw[i] -= f
+        fw[j] -= f
     return ok
 
 
 @njit(cache=True, nogil=True)
-def _potentials(codes, n, C, kk, u, v) -> None:
-    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order."""
+def _flows_of(codes, n, p, q, fw, K) -> bool:
+    return _flows(codes, n, p, q, fw, K)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def flows(codes, n, p, q, w) -> bool:
+    """Flows of a tree basis from the marginals into `w.flow`; False if any is negative (not primal feasible)."""
+    return _flows_of(codes, n, p, q, w.fw, w.u.shape[0])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _potentials(codes, n, C, kk, K, fw) -> None:
+    """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order: each cell's leaf end from
+    its other end, pot(leaf) = C_ij - pot(other), without branches."""
     last = codes[n - 1] >> 1
-    i = last // STRIDE
-    j = last % STRIDE
-    v[j] = 0.0
-    u[i] = C[i * kk + j]
+    i = last >> STRIDE_BITS
+    j = last & (STRIDE - 1)
+    fw[K + j] = 0.0
+    fw[i] = C[i * kk + j]
     for pos in range(n - 2, -1, -1):
         code = codes[pos]
         c = code >> 1
-        i = c // STRIDE
-        j = c % STRIDE
-        if code & 1:
-            u[i] = C[i * kk + j] - v[j]
-        else:
-            v[j] = C[i * kk + j] - u[i]
+        i = c >> STRIDE_BITS
+        j = c & (STRIDE - 1)
+        row_leaf = (code & 1) != 0
+        child = i if row_leaf else K + j
+        par = K + j if row_leaf else i
+        fw[child] = C[i * kk + j] - fw[par]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scan(k, kk, C, fw, iw, K):
+    """(smallest reduced cost of all cells, of the non-basic ones (the slack), largest cost), branch-free."""
+    best = np.inf
+    slack = np.inf
+    cmax = 0.0
+    for i in range(k):
+        ui = fw[i]
+        for j in range(kk):
+            cij = C[i * kk + j]
+            r = cij - ui - fw[K + j]
+            best = min(best, r)
+            slack = min(slack, r if iw[i * kk + j] == 0 else np.inf)
+            cmax = max(cmax, cij)
+    return best, slack, cmax
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mark(k, kk, codes, n, iw) -> None:
+    for t in range(k * kk):
+        iw[t] = 0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        iw[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] = 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _value(codes, n, C, kk, fw, K) -> float:
+    """<pi, C> over the basis cells that carry flow."""
+    value = 0.0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        f = fw[4 * K + pos]
+        value += f * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))] if f > 0.0 else 0.0
+    return value
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
+    """Peeling order of the basis after the pivot in which cell `leave` (a position) left and (ie, je) entered,
+    from the current order in O(n), without incidence lists; needs the old tree's parents and parent edges.
+
+    Rooted at the last cell's other end, the old tree loses the subtree T2 below the leaving cell's leaf end c
+    and regains it through the entering cell, whose leaf end `enter_leaf` (its end inside T2) becomes T2's new
+    root: only the cells on T2's path from `enter_leaf` to c change direction. A cell may come once every cell
+    below its leaf end has, so this order peels: T2's other cells in their old order, the path's cells from c's
+    end down (leaf end flipped), the entering cell, then the rest of the tree in its old order.
+    """
+    B = iw.shape[0] - 12 * K
+    PE = B + 2 * K
+    PN = B + 4 * K
+    TAG = B + 6 * K
+    PATH = B + 8 * K
+    TMP = B + 10 * K
+    code = codes[leave]
+    cl = code >> 1
+    c = cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))
+    # tag: 0 outside T2, 1 in T2, 2 on T2's path from the entering cell to c (c excluded); root first
+    last = codes[n - 1]
+    cl = last >> 1
+    iw[TAG + (K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS)] = 0
+    for pos in range(n - 1, -1, -1):
+        code = codes[pos]
+        cl = code >> 1
+        i = cl >> STRIDE_BITS
+        j = K + (cl & (STRIDE - 1))
+        row_leaf = (code & 1) != 0
+        child = i if row_leaf else j
+        par = j if row_leaf else i
+        iw[TAG + child] = 1 if (child == c or iw[TAG + par] != 0) else 0
+    m = 0
+    z = enter_leaf
+    while z != c:
+        iw[TAG + z] = 2
+        iw[PATH + m] = z
+        m += 1
+        z = iw[PN + z]
+    out = TMP  # branch-free: every cell is written, the pointer moves past the ones that belong here
+    for pos in range(n):
+        code = codes[pos]
+        cl = code >> 1
+        iw[out] = code
+        out += pos != leave and iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 1
+    for t in range(m - 1, -1, -1):
+        iw[out] = codes[iw[PE + iw[PATH + t]]] ^ 1
+        out += 1
+    iw[out] = ((ie * STRIDE + je) << 1) | (1 if enter_leaf == ie else 0)
+    out += 1
+    for pos in range(n):
+        code = codes[pos]
+        cl = code >> 1
+        iw[out] = code
+        out += iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 0
+    for pos in range(n):
+        codes[pos] = iw[TMP + pos]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_min(a, kk, C, iw, COL):
+    """(cost, column) of row a's cheapest cell on a column not crossed out, the first among equal costs."""
+    best = np.inf
+    arg = -1
+    for b in range(kk):
+        c = C[a * kk + b]
+        take = iw[COL + b] != 0 and (c < best or arg < 0)
+        best = c if take else best
+        arg = b if take else arg
+    return best, arg
 
 
 @njit(cache=True, nogil=True)
+def _greedy(k, kk, p, q, C, codes, fw, iw, K) -> None:
+    RS = 2 * K
+    RD = 3 * K
+    RMIN = 6 * K - 1
+    RARG = K * K
+    ROW = 2 * K * K
+    COL = ROW + K
+    for j in range(kk):
+        fw[RD + j] = q[j]
+        iw[COL + j] = 1
+    for i in range(k):
+        fw[RS + i] = p[i]
+        iw[ROW + i] = 1
+        fw[RMIN + i], iw[RARG + i] = _row_min(i, kk, C, iw, COL)
+    rows_left = k
+    cols_left = kk
+    for n in range(k + kk - 1):
+        # The cheapest cell on lines not crossed out, the first in row-major order among equal costs (the next
+        # one a stable sort by cost would reach), from each open row's cheapest open cell.
+        best = np.inf
+        i = -1
+        for a in range(k):
+            take = iw[ROW + a] != 0 and (fw[RMIN + a] < best or i < 0)
+            best = fw[RMIN + a] if take else best
+            i = a if take else i
+        j = iw[RARG + i]
+        f = min(fw[RS + i], fw[RD + j])
+        fw[RS + i] -= f
+        fw[RD + j] -= f
+        code = (i * STRIDE + j) << 1
+        if (fw[RS + i] <= fw[RD + j] and rows_left > 1) or cols_left == 1:  # the last cell closes both
+            iw[ROW + i] = 0
+            rows_left -= 1
+            codes[n] = code | 1
+        else:
+            iw[COL + j] = 0
+            cols_left -= 1
+            codes[n] = code
+            for a in range(k):
+                if iw[ROW + a] != 0 and iw[RARG + a] == j:
+                    fw[RMIN + a], iw[RARG + a] = _row_min(a, kk, C, iw, COL)
+    for pos in range(k + kk - 1, codes.shape[0]):
+        codes[pos] = -1
+
+
+@njit(cache=True, nogil=True, inline="always")
 def greedy_basis(k, kk, p, q, C, codes, w) -> None:
     """Minimum-cost greedy starting basis, written straight into `codes` in leaf-peeling order.
 
@@ -182,100 +286,40 @@ def greedy_basis(k, kk, p, q, C, codes, w) -> None:
     and every cell is the only one left on its crossed-out line among the cells after it: greedy order is a
     peeling order, with the crossed-out line telling which end is the leaf.
     """
-    order, rs, rd, row_on, col_on = w.order, w.rs, w.rd, w.row_on, w.col_on
-    m = k * kk
-    for t in range(m):  # insertion sort of the cells by cost (m <= K * K, small)
-        c = C[t]
-        pos = t
-        while pos > 0 and C[order[pos - 1]] > c:
-            order[pos] = order[pos - 1]
-            pos -= 1
-        order[pos] = t
-    for i in range(k):
-        rs[i] = p[i]
-        row_on[i] = True
-    for j in range(kk):
-        rd[j] = q[j]
-        col_on[j] = True
-    rows_left = k
-    cols_left = kk
-    n = 0
-    for t in range(m):
-        cell = order[t]
-        i = cell // kk
-        j = cell % kk
-        if not (row_on[i] and col_on[j]):
-            continue
-        f = min(rs[i], rd[j])
-        rs[i] -= f
-        rd[j] -= f
-        code = (i * STRIDE + j) << 1
-        if rows_left == 1 and cols_left == 1:
-            codes[n] = code | 1
-            n += 1
-            break
-        if (rs[i] <= rd[j] and rows_left > 1) or cols_left == 1:
-            row_on[i] = False
-            rows_left -= 1
-            codes[n] = code | 1
-        else:
-            col_on[j] = False
-            cols_left -= 1
-            codes[n] = code
-        n += 1
-    for pos in range(n, codes.shape[0]):
-        codes[pos] = -1
+    _greedy(k, kk, p, q, C, codes, w.fw, w.iw, w.u.shape[0])
 
 
 @njit(cache=True, nogil=True)
-def optimize(k, kk, p, q, C, codes, w, max_pivots):
-    """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in `w.flow`).
-
-    Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
-    (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
-    slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
-    """
+def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots, best, slack, cmax):
+    """The pivots of `optimize`, from a basis whose marks, potentials and `_scan` (best, slack, cmax) it made."""
     n = k + kk - 1
-    flow, u, v = w.flow, w.u, w.v
-    if n == k * kk:  # a single row or column: every cell is basic, the only coupling
-        value = 0.0
-        for pos in range(n):
-            c = codes[pos] >> 1
-            value += flow[pos] * C[(c // STRIDE) * kk + c % STRIDE]
-        return value, 0, 0, np.inf
-    cmax = 0.0
-    for t in range(k * kk):
-        if C[t] > cmax:
-            cmax = C[t]
-    eps = 1e-12 * max(1.0, cmax)
+    B = iw.shape[0] - 12 * K
+    DEPTH = B
+    PE = B + 2 * K
+    PN = B + 4 * K
+    FL = 4 * K
     pivots = 0
     status = 0
-    slack = np.inf
-    depth, pe, pn = w.depth, w.parent_edge, w.parent_node
+    eps = 1e-12 * max(1.0, cmax)
     while True:
-        _potentials(codes, n, C, kk, u, v)
-        # Entering cell: most negative reduced cost (Dantzig), or the first negative one (Bland) once long.
-        best = -eps
-        ie = -1
-        je = -1
-        bland = pivots >= BLAND_AFTER
-        for i in range(k):
-            ui = u[i]
-            for j in range(kk):
-                r = C[i * kk + j] - ui - v[j]
-                if r < best:
-                    best = r
-                    ie = i
-                    je = j
-                    if bland:
-                        break
-            if bland and ie >= 0:
-                break
-        if ie < 0:
+        if best >= -eps:
             break
         if pivots >= max_pivots:
             status = 1
             break
+        # Entering cell: the first with the smallest reduced cost (Dantzig), or the first negative one (Bland)
+        # once long, which cannot cycle
+        dantzig = pivots < BLAND_AFTER
+        ie = -1
+        je = -1
+        for t in range(k * kk):
+            i = t // kk
+            j = t - i * kk
+            r = C[t] - fw[i] - fw[K + j]
+            if (r == best) if dantzig else (r < -eps):
+                ie = i
+                je = j
+                break
         pivots += 1
         # Cycle: entering cell + the tree path between column je and row ie, signs alternating (- first) from
         # either end. The peeling order roots the tree: each cell's leaf end is a child of its other end, and the
@@ -283,84 +327,107 @@ def optimize(k, kk, p, q, C, codes, w, max_pivots):
         for pos in range(n - 1, -1, -1):
             code = codes[pos]
             c = code >> 1
-            i = c // STRIDE
-            j = k + c % STRIDE
-            if code & 1:
-                child = i
-                par = j
-            else:
-                child = j
-                par = i
+            i = c >> STRIDE_BITS
+            j = K + (c & (STRIDE - 1))
+            row_leaf = (code & 1) != 0
+            child = i if row_leaf else j
+            par = j if row_leaf else i
             if pos == n - 1:
-                depth[par] = 0
-            pe[child] = pos
-            pn[child] = par
-            depth[child] = depth[par] + 1
+                iw[DEPTH + par] = 0
+            iw[PE + child] = pos
+            iw[PN + child] = par
+            iw[DEPTH + child] = iw[DEPTH + par] + 1
         theta = np.inf
         leave = -1
         leave_cell = 0
-        x = k + je
+        leave_col_side = False
+        x = K + je
         y = ie
         minus_x = True
         minus_y = True
         while x != y:
-            if depth[x] >= depth[y]:
-                e = pe[x]
+            col_side = iw[DEPTH + x] >= iw[DEPTH + y]
+            if col_side:
+                e = iw[PE + x]
                 minus = minus_x
                 minus_x = not minus_x
-                x = pn[x]
+                x = iw[PN + x]
             else:
-                e = pe[y]
+                e = iw[PE + y]
                 minus = minus_y
                 minus_y = not minus_y
-                y = pn[y]
+                y = iw[PN + y]
             if minus:
                 cell = codes[e] >> 1
-                f = flow[e]
+                f = fw[FL + e]
                 if f < theta - 1e-15 or (f <= theta + 1e-15 and cell < leave_cell):
                     theta = f
                     leave = e
                     leave_cell = cell
-        for e in range(n):
-            w.cells[e] = codes[e] >> 1
-        w.cells[leave] = ie * STRIDE + je
-        _peel(n, k, kk, codes, w)
-        flows(codes, n, p, q, w)
+                    leave_col_side = col_side
+        iw[(leave_cell >> STRIDE_BITS) * kk + (leave_cell & (STRIDE - 1))] = 0
+        iw[ie * kk + je] = 1
+        _repeel(n, K, codes, leave, ie, je, K + je if leave_col_side else ie, iw)
+        _flows(codes, n, p, q, fw, K)
+        _potentials(codes, n, C, kk, K, fw)
+        best, slack, cmax = _scan(k, kk, C, fw, iw, K)
 
-    value = 0.0
-    for pos in range(n):
-        c = codes[pos] >> 1
-        f = flow[pos]
-        if f > 0.0:
-            value += f * C[(c // STRIDE) * kk + c % STRIDE]
+    value = _value(codes, n, C, kk, fw, K)
     if status == 1:
         lower = 0.0
         for i in range(k):
-            lower += p[i] * u[i]
+            lower += p[i] * fw[i]
         for j in range(kk):
             vj = np.inf
             for i in range(k):
-                vj = min(vj, C[i * kk + j] - u[i])
+                vj = min(vj, C[i * kk + j] - fw[i])
             lower += q[j] * vj
         slack = max(0.0, value - lower)
     else:
-        # Smallest reduced cost off the tree: how far the costs may move before this basis can stop being optimal.
-        mark = w.mark
-        for t in range(k * kk):
-            mark[t] = 0
-        for pos in range(n):
-            c = codes[pos] >> 1
-            mark[(c // STRIDE) * kk + c % STRIDE] = 1
-        for i in range(k):
-            ui = u[i]
-            for j in range(kk):
-                if mark[i * kk + j] == 0:
-                    r = C[i * kk + j] - ui - v[j]
-                    if r < slack:
-                        slack = r
-        if slack < 0.0:
-            slack = 0.0
+        slack = max(slack, 0.0)
     return value, pivots, status, slack
+
+
+@njit(cache=True, nogil=True)
+def _coupling(codes, n, C, kk, fw, K) -> float:
+    value = 0.0
+    for pos in range(n):
+        c = codes[pos] >> 1
+        value += fw[4 * K + pos] * C[(c >> STRIDE_BITS) * kk + (c & (STRIDE - 1))]
+    return value
+
+
+@njit(cache=True, nogil=True)
+def _prove(k, kk, C, codes, fw, iw, K):
+    """The common case, apart: (value, slack, smallest reduced cost, largest cost) of the starting basis, with
+    the value only when the basis is optimal (smallest reduced cost >= -eps); marks and potentials in fw, iw."""
+    n = k + kk - 1
+    _mark(k, kk, codes, n, iw)
+    _potentials(codes, n, C, kk, K, fw)
+    best, slack, cmax = _scan(k, kk, C, fw, iw, K)
+    value = _value(codes, n, C, kk, fw, K) if best >= -1e-12 * max(1.0, cmax) else np.nan
+    return value, slack, best, cmax
+
+
+@njit(cache=True, nogil=True, inline="always")
+def optimize(k, kk, p, q, C, codes, w, max_pivots):
+    """Transportation simplex from the primal-feasible tree basis `codes` (its flows already in `w.flow`).
+
+    Returns (value, pivots, status, slack). status 0: optimal, slack = smallest reduced cost of a non-basic cell
+    (+inf when every cell is basic). status 1: `max_pivots` reached; value is a feasible coupling's (>= W1) and
+    slack its duality gap value - L >= value - W1. `codes` and `w.flow` hold the final basis and its flows.
+    A small wrapper inlined into its caller, so that the kernels receive the two packed arrays rather than the
+    whole scratch tuple; proving a basis still optimal, the common case, is one call of four arrays.
+    """
+    fw = w.fw
+    iw = w.iw
+    K = w.u.shape[0]
+    if k + kk - 1 == k * kk:  # a single row or column: every cell is basic, the only coupling
+        return _coupling(codes, k + kk - 1, C, kk, fw, K), 0, 0, np.inf
+    value, slack, best, cmax = _prove(k, kk, C, codes, fw, iw, K)
+    if not np.isnan(value):
+        return value, 0, 0, max(slack, 0.0)
+    return _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots, best, slack, cmax)
 
 
 @njit(cache=True, nogil=True)
