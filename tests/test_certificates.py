@@ -30,6 +30,15 @@ def _solved(rng: np.random.Generator, k: int, kk: int):  # type: ignore[no-untyp
     return p, q, C, codes, w, slack
 
 
+def _proved(rng: np.random.Generator, count: int, k_max: int = 8):  # type: ignore[no-untyped-def]
+    """Random problems of 2..k_max x 2..k_max with their proved optimal basis and a finite, positive slack."""
+    for _ in range(count):
+        k, kk = int(rng.integers(2, k_max + 1)), int(rng.integers(2, k_max + 1))
+        p, q, C, codes, w, slack = _solved(rng, k, kk)
+        if np.isfinite(slack) and slack > 1e-9:
+            yield k, kk, p, q, C, codes, w, slack
+
+
 def _pivots_after(p, q, C, codes, w, k: int, kk: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
     w.costs[: k * kk] = C
     transport.flows(codes, k + kk - 1, p, q, w)
@@ -42,11 +51,7 @@ def _pivots_after(p, q, C, codes, w, k: int, kk: int) -> tuple[int, float]:  # t
 def test_row_clock_certificate_keeps_the_basis_optimal(seed: int) -> None:
     rng = np.random.default_rng(seed)
     checked = 0
-    for _ in range(400):
-        k, kk = int(rng.integers(2, 9)), int(rng.integers(2, 9))
-        p, q, C, codes, w, slack = _solved(rng, k, kk)
-        if not np.isfinite(slack) or slack <= 1e-9:
-            continue
+    for k, kk, p, q, C, codes, w, slack in _proved(rng, 400):
         # Per-row budgets r_x with 2 sum_x r_x just under the slack; every cell of row x moves by up to r_x,
         # adversarially signed.
         shares = rng.random(k)
@@ -62,11 +67,7 @@ def test_row_clock_certificate_keeps_the_basis_optimal(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_sup_norm_certificate_keeps_the_basis_optimal(seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
-    for _ in range(400):
-        k, kk = int(rng.integers(2, 9)), int(rng.integers(2, 9))
-        p, q, C, codes, w, slack = _solved(rng, k, kk)
-        if not np.isfinite(slack) or slack <= 1e-9:
-            continue
+    for k, kk, p, q, C, codes, w, slack in _proved(rng, 400):
         delta = 0.999 * slack / (2 * min(k, kk))
         moved = C + rng.choice([-1.0, 1.0], size=k * kk) * delta
         pivots, _value = _pivots_after(p, q, moved, codes.copy(), w, k, kk)
@@ -78,11 +79,7 @@ def test_row_clock_is_tight_up_to_its_factor() -> None:
     basis; over many problems some do."""
     rng = np.random.default_rng(9)
     broken = 0
-    for _ in range(400):
-        k, kk = int(rng.integers(2, 6)), int(rng.integers(2, 6))
-        p, q, C, codes, w, slack = _solved(rng, k, kk)
-        if not np.isfinite(slack) or slack <= 1e-9:
-            continue
+    for k, kk, p, q, C, codes, w, slack in _proved(rng, 400, k_max=5):
         moved = C.reshape(k, kk).copy()
         x = int(rng.integers(k))
         moved[x] += rng.choice([-1.0, 1.0], size=kk) * 1.2 * slack / 2

@@ -103,6 +103,16 @@ def flows(codes, n, p, q, w) -> bool:
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _ends(code, K):
+    """(leaf end, other end) of a basis cell as tree nodes: row i is node i, column j node K + j. In peeling order
+    the leaf end is the child, the other end its parent."""
+    c = code >> 1
+    i = c >> STRIDE_BITS
+    j = K + (c & (STRIDE - 1))
+    return (i, j) if code & 1 else (j, i)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _potentials(codes, n, C, kk, K, fw) -> None:
     """Dual potentials u_i + v_j = C_ij on the tree cells, in reverse peeling order: each cell's leaf end from
     its other end, pot(leaf) = C_ij - pot(other), without branches."""
@@ -184,13 +194,7 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
     cl = last >> 1
     iw[TAG + (K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS)] = 0
     for pos in range(n - 1, -1, -1):
-        code = codes[pos]
-        cl = code >> 1
-        i = cl >> STRIDE_BITS
-        j = K + (cl & (STRIDE - 1))
-        row_leaf = (code & 1) != 0
-        child = i if row_leaf else j
-        par = j if row_leaf else i
+        child, par = _ends(codes[pos], K)
         iw[TAG + child] = 1 if (child == c or iw[TAG + par] != 0) else 0
     m = 0
     z = enter_leaf
@@ -325,13 +329,7 @@ def _simplex(k, kk, p, q, C, codes, fw, iw, K, max_pivots, best, slack, cmax):
         # either end. The peeling order roots the tree: each cell's leaf end is a child of its other end, and the
         # last cell's other end is the root; walk both ends up to their common ancestor.
         for pos in range(n - 1, -1, -1):
-            code = codes[pos]
-            c = code >> 1
-            i = c >> STRIDE_BITS
-            j = K + (c & (STRIDE - 1))
-            row_leaf = (code & 1) != 0
-            child = i if row_leaf else j
-            par = j if row_leaf else i
+            child, par = _ends(codes[pos], K)
             if pos == n - 1:
                 iw[DEPTH + par] = 0
             iw[PE + child] = pos
