@@ -64,13 +64,23 @@ def rss_mib(pid: int) -> float:
 
 
 def workers(pid: int) -> list[int]:
+    """The daemon's worker processes. Threads and children come and go while /proc is read (a thread that ended
+    between the listing and the read once failed a CI run): what vanished is skipped."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for child in children:
             try:
                 if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                     found.append(int(child))
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 pass
     return found
 
