@@ -186,13 +186,9 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
     TAG = B + 6 * K
     PATH = B + 8 * K
     TMP = B + 10 * K
-    code = codes[leave]
-    cl = code >> 1
-    c = cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1))
+    c = _ends(codes[leave], K)[0]
     # tag: 0 outside T2, 1 in T2, 2 on T2's path from the entering cell to c (c excluded); root first
-    last = codes[n - 1]
-    cl = last >> 1
-    iw[TAG + (K + (cl & (STRIDE - 1)) if last & 1 else cl >> STRIDE_BITS)] = 0
+    iw[TAG + _ends(codes[n - 1], K)[1]] = 0
     for pos in range(n - 1, -1, -1):
         child, par = _ends(codes[pos], K)
         iw[TAG + child] = 1 if (child == c or iw[TAG + par] != 0) else 0
@@ -205,20 +201,16 @@ def _repeel(n, K, codes, leave, ie, je, enter_leaf, iw) -> None:
         z = iw[PN + z]
     out = TMP  # branch-free: every cell is written, the pointer moves past the ones that belong here
     for pos in range(n):
-        code = codes[pos]
-        cl = code >> 1
-        iw[out] = code
-        out += pos != leave and iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 1
+        iw[out] = codes[pos]
+        out += pos != leave and iw[TAG + _ends(codes[pos], K)[0]] == 1
     for t in range(m - 1, -1, -1):
         iw[out] = codes[iw[PE + iw[PATH + t]]] ^ 1
         out += 1
     iw[out] = ((ie * STRIDE + je) << 1) | (1 if enter_leaf == ie else 0)
     out += 1
     for pos in range(n):
-        code = codes[pos]
-        cl = code >> 1
-        iw[out] = code
-        out += iw[TAG + (cl >> STRIDE_BITS if code & 1 else K + (cl & (STRIDE - 1)))] == 0
+        iw[out] = codes[pos]
+        out += iw[TAG + _ends(codes[pos], K)[0]] == 0
     for pos in range(n):
         codes[pos] = iw[TMP + pos]
 
